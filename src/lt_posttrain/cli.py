@@ -1,13 +1,15 @@
 """The ``lt-posttrain`` command: Lightning's CLI for fit/validate/test/predict, one clear line for bad input."""
 
+import contextlib
+import io
 import sys
 from typing import Optional
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lt_posttrain.callbacks.hf_export import HFCheckpoint
+from lt_posttrain.cli_errors import ConfigError, explain_parser_error, find_user_error
 from lt_posttrain.data.datamodule import InstructDataModule
-from lt_posttrain.errors import UserError
 from lt_posttrain.trainers.sft import SFTModule
 
 TRAINER_DEFAULTS = {"max_epochs": 1}
@@ -15,6 +17,20 @@ TRAINER_DEFAULTS = {"max_epochs": 1}
 
 class PostTrainCLI(LightningCLI):
     """``LightningCLI`` with a ``checkpoint`` section (:class:`HFCheckpoint`) and the tokenizer handed to the data."""
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        """Parse as Lightning does, but turn the parser's usage-and-error output into one :class:`ConfigError`."""
+        printed = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(printed):
+                super().parse_arguments(parser, args)
+        except SystemExit as exit:
+            if exit.code in (0, None) or "error:" not in printed.getvalue():
+                sys.stderr.write(printed.getvalue())
+                raise
+            message = printed.getvalue().split("error:", 1)[1]
+            raise ConfigError(explain_parser_error(message, _option_names(parser), _config_files(args))) from None
+        sys.stderr.write(printed.getvalue())
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(HFCheckpoint, "checkpoint")
@@ -26,6 +42,17 @@ class PostTrainCLI(LightningCLI):
             connect(self.model.tokenizer)
 
 
+def _option_names(parser: LightningArgumentParser) -> list[str]:
+    parsers = [parser, *getattr(parser._subcommands_action, "_name_parser_map", {}).values()]
+    return sorted({option for each in parsers for option in each._option_string_actions if option.startswith("--")})
+
+
+def _config_files(args) -> list[str]:
+    args = list(sys.argv[1:] if args is None else args)
+    files = [value for flag, value in zip(args, args[1:]) if flag in ("-c", "--config")]
+    return files + [arg.split("=", 1)[1] for arg in args if arg.startswith("--config=") and "{" not in arg]
+
+
 def build_cli(args: Optional[list] = None, run: bool = True) -> PostTrainCLI:
     """The CLI object for ``args`` (``sys.argv`` if None); with ``run`` the subcommand runs too."""
     return PostTrainCLI(
@@ -35,7 +62,7 @@ def build_cli(args: Optional[list] = None, run: bool = True) -> PostTrainCLI:
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
         trainer_defaults=TRAINER_DEFAULTS,
-        parser_kwargs={"prog": "lt-posttrain"},
+        parser_kwargs={"prog": "lt-posttrain", "allow_abbrev": False},
         args=args,
         run=run,
     )
@@ -44,8 +71,11 @@ def build_cli(args: Optional[list] = None, run: bool = True) -> PostTrainCLI:
 def main(args: Optional[list] = None) -> None:
     try:
         build_cli(args)
-    except UserError as error:
-        print(f"lt-posttrain: error: {error}", file=sys.stderr)
+    except Exception as error:
+        user_error = find_user_error(error)
+        if user_error is None:
+            raise
+        print(f"lt-posttrain: error: {user_error}", file=sys.stderr)
         sys.exit(2)
 
 

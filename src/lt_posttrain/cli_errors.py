@@ -1,0 +1,83 @@
+"""Turning what jsonargparse and our own checks say about bad input into one line, with a suggestion."""
+
+import difflib
+import importlib
+import inspect
+import re
+from typing import Iterable, Optional
+
+from lt_posttrain.errors import UserError
+
+_NOISE = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:", "Given value", "- Expected a <class 'NoneType'>")
+
+
+class ConfigError(UserError):
+    """A recipe or command line the parser rejected."""
+
+
+def find_user_error(error: BaseException) -> Optional[UserError]:
+    """The ``UserError`` that caused ``error`` (jsonargparse and Lightning wrap exceptions raised in ``__init__``)."""
+    seen = set()
+    stack = [error]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, UserError):
+            return current
+        stack.extend([current.__cause__, current.__context__])
+    return None
+
+
+def _class_keys(class_path: str) -> list[str]:
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return []
+    return [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")]
+
+
+def _suggest(unknown: str, candidates: Iterable[str]) -> str:
+    match = difflib.get_close_matches(unknown, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def explain_parser_error(message: str, known_options: Iterable[str] = (), config_files: Iterable[str] = ()) -> str:
+    """One line for a jsonargparse error ``message``; ``known_options`` are the parser's ``--keys``,
+    ``config_files`` the ``--config`` files given."""
+    keys = [key for key in re.findall(r'Parser key "([^"]+)"', message) if key not in ("model", "data")]
+    groups = re.findall(r'Parser key "(model|data)"', message)
+    prefix = ".".join(groups[:1] + keys)
+    unknown = re.search(r"Option '([^']+)' is not accepted", message) or re.search(r"Key '([^']+)' is not expected", message)
+    if unknown:
+        name = unknown.group(1)
+        class_path = re.search(r"class_path '([^']+)'", message)
+        candidates = _class_keys(class_path.group(1)) if class_path else [o.lstrip("-") for o in known_options]
+        full = f"{prefix}.{name}" if prefix else name
+        suggestion = _suggest(name, candidates)
+        if prefix and suggestion:
+            suggestion = suggestion.replace("'", f"'{prefix}.", 1)
+        return f"unknown key '{full}'{suggestion}; see --help for the valid keys"
+    unrecognized = re.search(r"[Uu]nrecognized arguments: (.*)", message)
+    if unrecognized:
+        options = [o for o in unrecognized.group(1).split() if o.startswith("-")] or unrecognized.group(1).split()
+        first = options[0].split("=")[0] if options else unrecognized.group(1)
+        keys = [option.lstrip("-") for option in known_options]
+        return f"unknown key '{first.lstrip('-')}'{_suggest(first.lstrip('-'), keys)}; see --help for the valid keys"
+    if "Problems parsing config" in message:
+        lines = [line.strip() for line in message.splitlines()[1:] if line.strip()]
+        where = re.findall(r"line (\d+), column (\d+)", message)
+        problem = next((line for line in lines if not line.startswith("in ")), "invalid syntax")
+        at = f" at line {where[-1][0]}, column {where[-1][1]}" if where else ""
+        files = ", ".join(config_files) or "the config"
+        return f"malformed YAML in {files}: {problem}{at}"
+    required = re.search(r"arguments are required: (.*)", message)
+    if required:
+        keys = [key.strip().split(".", 1)[-1] for key in required.group(1).split(",")]
+        return f"missing required key(s): {', '.join(keys)} (e.g. --model.name_or_path and --data.sources)"
+    lines = [line.strip() for line in message.splitlines() if line.strip() and not line.strip().startswith(_NOISE)]
+    lines = [line for line in lines if not re.match(r'^(- )?(Problem with given class_path|Parser key ")', line)] or lines
+    detail = re.sub(r'^(Parser key "[^"]+":\s*)+', "", lines[-1] if lines else message.strip())
+    return f"{prefix}: {detail}" if prefix and not detail.startswith(prefix) else detail

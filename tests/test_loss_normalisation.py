@@ -1,0 +1,128 @@
+"""One loss whatever the batching: the gradient of an optimizer step is the token-mean over the whole step."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import gsm8k_chats, write_jsonl
+from grad_capture import GradCapture
+from lt_posttrain import InstructDataModule, SFTModule
+
+SHORT = [
+    {"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi!"}]},
+    {"messages": [{"role": "user", "content": "Is 7 prime?"}, {"role": "assistant", "content": "Yes."}]},
+]
+
+
+@pytest.fixture(scope="module")
+def uneven_data(tmp_path_factory) -> Path:
+    """Four chats: two GSM8K worked answers (~100 loss tokens) and two one-word answers (~3 loss tokens)."""
+    long = [row for row in gsm8k_chats(50) if len(row["messages"][1]["content"]) > 300][:2]
+    rows = [long[0], SHORT[0], long[1], SHORT[1]]
+    return write_jsonl(tmp_path_factory.mktemp("data") / "uneven.jsonl", rows)
+
+
+def fit_one_step(model_dir, data, batch_size, accumulate, packing, logger=False, max_steps=1, **data_kwargs):
+    L.seed_everything(0)
+    module = SFTModule(str(model_dir), learning_rate=1e-3)
+    datamodule = InstructDataModule([str(data)], max_length=512, batch_size=batch_size, packing=packing, **data_kwargs)
+    capture = GradCapture()
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=max_steps, accumulate_grad_batches=accumulate, logger=logger,
+        log_every_n_steps=1, callbacks=[capture], enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0,
+    )  # fmt: skip
+    trainer.fit(module, datamodule)
+    return capture.grads[0], datamodule
+
+
+def assert_same_grads(expected: dict, actual: dict, rtol=1e-6) -> None:
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        scale = expected[name].abs().max().clamp(min=1e-12)
+        error = (expected[name] - actual[name]).abs().max() / scale
+        assert error < rtol, f"{name}: relative difference {error:.2e}"
+
+
+def test_lengths_really_differ_tenfold(uneven_data, tiny_model_dir, tokenizer):
+    datamodule = InstructDataModule([str(uneven_data)], max_length=512)
+    datamodule.connect(tokenizer)
+    datamodule.setup("fit")
+    counts = datamodule.train_samples["loss_count"]
+    assert max(counts) >= 10 * min(counts)
+
+
+@pytest.mark.parametrize(
+    "batch_size,accumulate,packing",
+    [(1, 4, False), (2, 2, False), (4, 1, True), (1, 4, True), (2, 2, True)],
+)
+def test_gradients_do_not_depend_on_batching(uneven_data, tiny_model_dir, batch_size, accumulate, packing):
+    reference, _ = fit_one_step(tiny_model_dir, uneven_data, batch_size=4, accumulate=1, packing=False)
+    grads, _ = fit_one_step(tiny_model_dir, uneven_data, batch_size=batch_size, accumulate=accumulate, packing=packing)
+    assert_same_grads(reference, grads)
+
+
+def test_gradient_is_token_mean_not_mean_of_means(uneven_data, tiny_model_dir, tokenizer):
+    """The step's gradient equals the gradient of sum(token losses) / (loss tokens), computed with plain torch."""
+    grads, datamodule = fit_one_step(tiny_model_dir, uneven_data, batch_size=1, accumulate=4, packing=False)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    samples = datamodule.train_samples
+    total, count = 0.0, 0
+    for input_ids, labels in zip(samples["input_ids"], samples["labels"]):
+        out = model(input_ids=torch.tensor([input_ids]), labels=torch.tensor([labels]), use_cache=False)
+        n = sum(label != -100 for label in labels[1:])
+        total, count = total + out.loss * n, count + n
+    (total / count).backward()
+    expected = {f"model.{name}": p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert_same_grads(expected, grads, rtol=1e-5)
+
+
+def test_logged_train_loss_is_the_token_weighted_mean(uneven_data, tiny_model_dir, tmp_path):
+    logger = L.pytorch.loggers.CSVLogger(tmp_path)
+    _, datamodule = fit_one_step(
+        tiny_model_dir, uneven_data, batch_size=2, accumulate=2, packing=True, logger=logger, shuffle=False
+    )
+    with open(Path(logger.log_dir) / "metrics.csv") as file:
+        logged = [float(row["train/loss"]) for row in csv.DictReader(file) if row.get("train/loss")]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    sums, count = 0.0, 0
+    with torch.no_grad():
+        for input_ids, labels in zip(datamodule.train_samples["input_ids"], datamodule.train_samples["labels"]):
+            logits = model(input_ids=torch.tensor([input_ids]), use_cache=False).logits[0, :-1]
+            targets = torch.tensor(labels[1:])
+            keep = targets != -100
+            sums += torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="sum").item()
+            count += int(keep.sum())
+    assert logged and logged[0] == pytest.approx(sums / count, rel=1e-5)
+
+
+def test_two_process_ddp_matches_one_process(uneven_data, tiny_model_dir, tmp_path):
+    """Two gloo ranks with micro-batch 2 give the gradients of one process with micro-batch 4 (real CLI runs)."""
+    tests_dir = Path(__file__).parent
+
+    def cli_grads(devices: int, batch_size: int) -> dict:
+        path = tmp_path / f"grads-{devices}.pt"
+        command = [
+            sys.executable, "-m", "lt_posttrain.cli", "fit",
+            f"--model.name_or_path={tiny_model_dir}", f"--data.sources=[{uneven_data}]",
+            f"--data.batch_size={batch_size}", "--data.max_length=512", "--trainer.accelerator=cpu",
+            f"--trainer.devices={devices}", "--trainer.strategy=ddp" if devices > 1 else "--trainer.strategy=auto",
+            "--trainer.max_steps=1", "--trainer.logger=false", "--trainer.enable_checkpointing=false",
+            "--trainer.enable_progress_bar=false", "--checkpoint.save_end_of_training=false",
+            "--trainer.callbacks+=grad_capture.GradCapture", f"--trainer.callbacks.path={path}",
+            f"--trainer.default_root_dir={tmp_path}",
+        ]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests_dir), os.environ.get("PYTHONPATH", "")])}
+        result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return torch.load(path)
+
+    assert_same_grads(cli_grads(1, 4), cli_grads(2, 2))

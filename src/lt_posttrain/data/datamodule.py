@@ -81,6 +81,8 @@ class InstructDataModule(L.LightningDataModule):
             self.train_samples = samples
         if len(self.train_samples) == 0:
             raise UserError("no training sample has an assistant turn to learn from: check data.sources")
+        self.train_rows = self._rows(self.train_samples)
+        self.val_rows = self._rows(self.val_samples) if self.val_samples is not None else None
         self._report()
 
     def _report(self) -> None:
@@ -96,10 +98,10 @@ class InstructDataModule(L.LightningDataModule):
             return [[index] for index in range(len(samples))]
         return pack_best_fit(samples["length"], self.max_length)
 
-    def _loader(self, samples, train: bool) -> StatefulDataLoader:
+    def _loader(self, samples, rows, train: bool) -> StatefulDataLoader:
         trainer = self.trainer
         sampler = PlanSampler(
-            rows=self._rows(samples),
+            rows=rows,
             loss_counts=samples["loss_count"],
             batch_size=self.batch_size,
             accumulate=trainer.accumulate_grad_batches if train and trainer else 1,
@@ -113,10 +115,10 @@ class InstructDataModule(L.LightningDataModule):
         return StatefulDataLoader(dataset, sampler=sampler, batch_size=None, num_workers=self.num_workers)
 
     def train_dataloader(self):
-        return self._loader(self.train_samples, train=True)
+        return self._loader(self.train_samples, self.train_rows, train=True)
 
     def val_dataloader(self):
-        return self._loader(self.val_samples, train=False) if self.val_samples is not None else []
+        return self._loader(self.val_samples, self.val_rows, train=False) if self.val_samples is not None else []
 
 
 def _read_template(chat_template: Optional[str]) -> Optional[str]:

@@ -1,0 +1,96 @@
+"""The command line and the Python API: recipes in, a Hugging Face folder out, one clear line for bad input."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import gsm8k_chats, write_jsonl
+from lt_posttrain import run
+
+
+def lt_posttrain(*args, cwd=None, timeout=600):
+    return subprocess.run(
+        [sys.executable, "-m", "lt_posttrain.cli", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="module")
+def chats(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("chats") / "gsm8k.jsonl", gsm8k_chats(24))
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("lt-posttrain: error:")]
+    assert len(errors) == 1, result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in errors[0]
+
+
+def test_missing_model_path(chats, tmp_path):
+    result = lt_posttrain("fit", "--model.name_or_path", tmp_path / "no-such-model", "--data.sources", f"[{chats}]")
+    assert_one_line_error(result, "model.name_or_path", "no-such-model")
+
+
+def test_missing_data_file(tiny_model_dir, tmp_path):
+    missing = tmp_path / "missing.jsonl"
+    result = lt_posttrain("fit", "--model.name_or_path", tiny_model_dir, "--data.sources", f"[{missing}]",
+                          "--trainer.default_root_dir", tmp_path)  # fmt: skip
+    assert_one_line_error(result, "missing.jsonl", "no such file")
+
+
+def test_unknown_config_key_suggests_the_closest(tiny_model_dir, chats, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"name_or_path": str(tiny_model_dir), "learnin_rate": 1e-4},
+                                      "data": {"sources": [str(chats)]}}))  # fmt: skip
+    assert_one_line_error(lt_posttrain("fit", "--config", recipe), "model.learnin_rate", "model.learning_rate")
+    result = lt_posttrain("fit", "--config", recipe.with_name("none.yaml"), "--trainer.max_step", "3")
+    assert result.returncode == 2
+
+
+def test_unknown_command_line_key_and_wrong_type(tiny_model_dir, chats):
+    base = ("fit", "--model.name_or_path", tiny_model_dir, "--data.sources", f"[{chats}]")
+    assert_one_line_error(lt_posttrain(*base, "--trainer.max_step", "3"), "trainer.max_step", "trainer.max_steps")
+    assert_one_line_error(lt_posttrain(*base, "--data.batch_size", "four"), "data.batch_size", "four")
+
+
+def test_malformed_yaml(tmp_path):
+    recipe = tmp_path / "broken.yaml"
+    recipe.write_text("model:\n  name_or_path: x\n  - oops: [\n")
+    assert_one_line_error(lt_posttrain("fit", "--config", recipe), "malformed YAML", "broken.yaml", "line")
+
+
+def test_print_config_shows_the_contract_keys(tiny_model_dir, chats):
+    result = lt_posttrain("fit", "--model.name_or_path", tiny_model_dir, "--data.sources", f"[{chats}]", "--print_config")
+    assert result.returncode == 0, result.stderr[-2000:]
+    config = yaml.safe_load(result.stdout)
+    assert config["model"]["init_args"]["name_or_path"] == str(tiny_model_dir)
+    assert {"learning_rate", "weight_decay", "warmup", "schedule"} <= set(config["model"]["init_args"])
+    assert {"sources", "max_length", "batch_size", "val_fraction", "val_sources"} <= set(config["data"]["init_args"])
+    assert {"output_dir", "save_end_of_training", "save_every_n_steps"} <= set(config["checkpoint"])
+
+
+def test_python_api_runs_a_dict_recipe_and_saves_config_and_model(tiny_model_dir, chats, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    recipe = {
+        "seed_everything": 0,
+        "model": {"name_or_path": str(tiny_model_dir), "learning_rate": 1e-3, "warmup": 1, "schedule": "linear"},
+        "data": {"sources": [{"name_or_path": str(chats), "sample_count": 16}], "val_fraction": 0.25, "batch_size": 2},
+        "trainer": {"accelerator": "cpu", "max_steps": 3, "default_root_dir": str(tmp_path), "enable_progress_bar": False},
+    }
+    cli = run(recipe, "fit")
+    run_dir = Path(cli.trainer.log_dir)
+    assert cli.trainer.global_step == 3
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["model"]["init_args"]["learning_rate"] == 1e-3
+    assert saved["data"]["init_args"]["sources"][0]["sample_count"] == 16
+    exported = run_dir / "hf_model"  # the default output_dir: under the run directory
+    model = AutoModelForCausalLM.from_pretrained(exported)
+    trained = cli.model.model.state_dict()
+    for name, tensor in model.state_dict().items():
+        assert (tensor == trained[name]).all(), name

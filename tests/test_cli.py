@@ -1,5 +1,6 @@
 """The command line and the Python API: recipes in, a Hugging Face folder out, one clear line for bad input."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -94,3 +95,21 @@ def test_python_api_runs_a_dict_recipe_and_saves_config_and_model(tiny_model_dir
     trained = cli.model.model.state_dict()
     for name, tensor in model.state_dict().items():
         assert (tensor == trained[name]).all(), name
+
+
+def test_validate_test_and_predict_subcommands(tiny_model_dir, chats, tmp_path):
+    common = ("--model.name_or_path", tiny_model_dir, "--data.sources", f"[{chats}]", "--data.val_fraction", "0.25",
+              "--trainer.accelerator", "cpu", "--trainer.default_root_dir", tmp_path)  # fmt: skip
+    for command in ("validate", "test"):
+        result = lt_posttrain(command, *common)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert ("val/loss" if command == "validate" else "test/loss") in result.stdout
+    output = tmp_path / "predictions.jsonl"
+    result = lt_posttrain("predict", *common, "--model.max_new_tokens", "4", "--data.batch_size", "3",
+                          "--predictions.output_path", output)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    expected = gsm8k_chats(24)
+    assert [record["reference"] for record in records] == [chat["messages"][1]["content"] for chat in expected]
+    assert all(record["prompt"].endswith("<|im_start|>assistant\n") for record in records)
+    assert all(isinstance(record["generated"], str) for record in records)

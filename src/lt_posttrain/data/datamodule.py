@@ -1,16 +1,20 @@
 """``InstructDataModule``: instruct sources in, planned micro-batches out."""
 
+from functools import partial
 from pathlib import Path
 from typing import Optional, Union
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lt_posttrain.data.dataset import MicroBatchDataset, load_samples
+from lt_posttrain.data.messages import messages_from_row
 from lt_posttrain.data.packing import pack_best_fit
 from lt_posttrain.data.plan import PlanSampler
-from lt_posttrain.data.sources import Source, as_source
+from lt_posttrain.data.prompts import collate_prompts, prompt_of
+from lt_posttrain.data.sources import Source, as_source, load_rows
 from lt_posttrain.errors import UserError
 
 
@@ -23,6 +27,7 @@ class InstructDataModule(L.LightningDataModule):
             ``sample_count``, ``shuffle``, ``seed``. Rows need a ``messages`` column of ``{role, content}`` turns.
         val_sources: validation data, same shape as ``sources``.
         val_fraction: without ``val_sources``, hold out this fraction of the training conversations.
+        test_sources: data for ``lt-posttrain test`` and ``predict`` (default: the validation data).
         max_length: tokens per sample; longer samples are cut (and counted). With ``packing``, tokens per row.
         batch_size: samples per micro-batch (rows per micro-batch with ``packing``).
         packing: pack samples best-fit into rows of ``max_length`` tokens, each attending only to itself.
@@ -37,6 +42,7 @@ class InstructDataModule(L.LightningDataModule):
         sources: list[Union[str, Source]],
         val_sources: Optional[list[Union[str, Source]]] = None,
         val_fraction: float = 0.0,
+        test_sources: Optional[list[Union[str, Source]]] = None,
         max_length: int = 2048,
         batch_size: int = 4,
         packing: bool = False,
@@ -52,24 +58,25 @@ class InstructDataModule(L.LightningDataModule):
             raise UserError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
         self.sources = [as_source(entry) for entry in sources]
         self.val_sources = [as_source(entry) for entry in val_sources or []]
+        self.test_sources = [as_source(entry) for entry in test_sources or []]
         self.val_fraction = val_fraction
         self.max_length, self.batch_size, self.packing = max_length, batch_size, packing
         self.shuffle, self.seed, self.num_workers = shuffle, seed, num_workers
         self.chat_template = _read_template(chat_template)
         self.tokenizer = None
-        self.train_samples = self.val_samples = None
+        self.train_samples = self.val_samples = self.test_samples = None
 
     def connect(self, tokenizer) -> None:
         """Give the data module the model's tokenizer (the CLI does this; ``setup`` falls back to the model's)."""
         self.tokenizer = tokenizer
 
     def setup(self, stage: str) -> None:
-        if self.train_samples is not None:
-            return
         if self.tokenizer is None:
             self.tokenizer = self.trainer.lightning_module.tokenizer
         if not (self.chat_template or self.tokenizer.chat_template):
             raise UserError("the tokenizer has no chat template: set data.chat_template (Jinja text or a file)")
+        if self.train_samples is not None or stage == "predict":
+            return
         load = lambda sources: load_samples(sources, self.tokenizer, self.max_length, self.chat_template)  # noqa: E731
         samples = load(self.sources)
         if self.val_sources:
@@ -81,8 +88,10 @@ class InstructDataModule(L.LightningDataModule):
             self.train_samples = samples
         if len(self.train_samples) == 0:
             raise UserError("no training sample has an assistant turn to learn from: check data.sources")
+        self.test_samples = load(self.test_sources) if self.test_sources else self.val_samples
         self.train_rows = self._rows(self.train_samples)
         self.val_rows = self._rows(self.val_samples) if self.val_samples is not None else None
+        self.test_rows = self._rows(self.test_samples) if self.test_samples is not None else None
         self._report()
 
     def _report(self) -> None:
@@ -119,6 +128,22 @@ class InstructDataModule(L.LightningDataModule):
 
     def val_dataloader(self):
         return self._loader(self.val_samples, self.val_rows, train=False) if self.val_samples is not None else []
+
+    def test_dataloader(self):
+        if self.test_samples is None:
+            raise UserError("nothing to test on: set data.test_sources, data.val_sources or data.val_fraction")
+        return self._loader(self.test_samples, self.test_rows, train=False)
+
+    def predict_dataloader(self):
+        """The test (else validation) conversations as prompts, for greedy generation of their last answer."""
+        sources = self.test_sources or self.val_sources or self.sources
+        prompts = [
+            prompt_of(messages_from_row(row, source.name_or_path, index), self.tokenizer, self.chat_template)
+            for source in sources
+            for index, row in enumerate(load_rows(source))
+        ]
+        collate = partial(collate_prompts, pad_id=self.tokenizer.pad_token_id)
+        return DataLoader(prompts, batch_size=self.batch_size, collate_fn=collate, num_workers=self.num_workers)
 
 
 def _read_template(chat_template: Optional[str]) -> Optional[str]:

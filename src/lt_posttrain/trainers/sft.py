@@ -33,6 +33,7 @@ class SFTModule(L.LightningModule):
         attn_implementation: the transformers attention implementation (``sdpa``, ``eager``, ...).
         gradient_checkpointing: recompute activations in the backward pass to save memory.
         trust_remote_code: allow a hub model's own Python code to run (off: only transformers' code runs).
+        max_new_tokens: tokens generated per prompt by ``lt-posttrain predict`` (greedy).
     """
 
     def __init__(
@@ -46,6 +47,7 @@ class SFTModule(L.LightningModule):
         attn_implementation: Optional[str] = "sdpa",
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
+        max_new_tokens: int = 256,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -104,16 +106,47 @@ class SFTModule(L.LightningModule):
         self.log("train/tokens_seen", self._tokens_seen.float())
         self._step_stats.zero_()
 
+    def _evaluation_start(self) -> None:
+        self._eval_stats = torch.zeros(2, device=self.device, dtype=torch.float64)  # [loss sum, loss tokens]
+
+    def _evaluation_step(self, batch: dict) -> None:
+        self._eval_stats += torch.stack([self.loss(batch).detach().double(), batch["loss_count"].double()])
+
+    def _evaluation_end(self, name: str) -> None:
+        loss_sum, count = self._sum_over_ranks(self._eval_stats.clone())
+        if count > 0:  # token-weighted over the whole set, not a mean of batch means
+            self.log(name, (loss_sum / count).float(), prog_bar=True)
+
     def on_validation_epoch_start(self) -> None:
-        self._val_stats = torch.zeros(2, device=self.device, dtype=torch.float64)  # [loss sum, loss tokens]
+        self._evaluation_start()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._val_stats += torch.stack([self.loss(batch).detach().double(), batch["loss_count"].double()])
+        self._evaluation_step(batch)
 
     def on_validation_epoch_end(self) -> None:
-        loss_sum, count = self._sum_over_ranks(self._val_stats.clone())
-        if count > 0:
-            self.log("val/loss", (loss_sum / count).float(), prog_bar=True)
+        self._evaluation_end("val/loss")
+
+    def on_test_epoch_start(self) -> None:
+        self._evaluation_start()
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluation_step(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._evaluation_end("test/loss")
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        """Greedy completions of the prompts: ``{"prompt", "reference", "generated"}`` per conversation."""
+        prompt_ids = batch["input_ids"]
+        out = self.model.generate(
+            input_ids=prompt_ids, attention_mask=batch["attention_mask"], max_new_tokens=self.hparams.max_new_tokens,
+            do_sample=False, pad_token_id=self.tokenizer.pad_token_id,
+        )  # fmt: skip
+        texts = self.tokenizer.batch_decode(out[:, prompt_ids.shape[1] :], skip_special_tokens=True)
+        return [
+            {"prompt": prompt, "reference": reference, "generated": text}
+            for prompt, reference, text in zip(batch["prompt"], batch["reference"], texts)
+        ]
 
     # -- optimisation -------------------------------------------------------------------------------------------
     def configure_optimizers(self):

@@ -1,0 +1,27 @@
+"""Prompts for generation (``lt-posttrain predict``): each conversation up to its last assistant turn."""
+
+import torch
+
+from lt_posttrain.data.tokenize import TRAINED_ROLES, template_renderer
+
+
+def prompt_of(messages: list[dict], tokenizer, chat_template: str | None = None) -> dict:
+    """The conversation before its last assistant turn, rendered with the generation prompt, as ``input_ids``; the
+    held-back assistant text is the ``reference``."""
+    last = max((i for i, message in enumerate(messages) if message["role"] in TRAINED_ROLES), default=len(messages))
+    text = template_renderer(tokenizer, chat_template)(messages[:last], True)
+    reference = messages[last]["content"] if last < len(messages) else ""
+    return {"input_ids": tokenizer(text, add_special_tokens=False)["input_ids"], "prompt": text, "reference": reference}
+
+
+def collate_prompts(prompts: list[dict], pad_id: int) -> dict:
+    """Left-padded ``input_ids`` and ``attention_mask`` (generation appends on the right), plus the texts."""
+    width = max(len(prompt["input_ids"]) for prompt in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        length = len(prompt["input_ids"])
+        input_ids[row, width - length :] = torch.tensor(prompt["input_ids"])
+        attention_mask[row, width - length :] = 1
+    texts = {key: [prompt[key] for prompt in prompts] for key in ("prompt", "reference")}
+    return {"input_ids": input_ids, "attention_mask": attention_mask, **texts}

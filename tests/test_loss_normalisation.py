@@ -126,3 +126,24 @@ def test_two_process_ddp_matches_one_process(uneven_data, tiny_model_dir, tmp_pa
         return torch.load(path)
 
     assert_same_grads(cli_grads(1, 4), cli_grads(2, 2))
+
+
+def test_sample_weights_scale_losses_but_not_the_normaliser(uneven_data, tiny_model_dir, tmp_path):
+    rows = [json.loads(line) for line in uneven_data.read_text().splitlines()]
+    weights = [2.0, 1.0, 0.5, 3.0]
+    weighted = write_jsonl(tmp_path / "weighted.jsonl", [{**row, "weight": w} for row, w in zip(rows, weights)])
+    grads, datamodule = fit_one_step(tiny_model_dir, weighted, batch_size=1, accumulate=4, packing=False)
+    packed, _ = fit_one_step(tiny_model_dir, weighted, batch_size=2, accumulate=1, packing=True)
+    assert_same_grads(grads, packed)
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    samples = datamodule.train_samples
+    assert samples["weight"] == weights
+    total, count = 0.0, 0
+    for input_ids, labels, weight in zip(samples["input_ids"], samples["labels"], samples["weight"]):
+        out = model(input_ids=torch.tensor([input_ids]), labels=torch.tensor([labels]), use_cache=False)
+        n = sum(label != -100 for label in labels[1:])
+        total, count = total + weight * out.loss * n, count + n
+    (total / count).backward()
+    expected = {f"model.{name}": p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert_same_grads(expected, grads, rtol=1e-5)

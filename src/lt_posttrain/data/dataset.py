@@ -12,15 +12,19 @@ from lt_posttrain.data.plan import MicroBatch
 from lt_posttrain.data.sources import Source, load_rows
 from lt_posttrain.data.tokenize import count_loss_tokens, tokenize_conversation
 
-FORMAT_VERSION = "1"  # bump when tokenization changes, so cached results are not reused
+FORMAT_VERSION = "2"  # bump when tokenization changes, so cached results are not reused
 
 
 def tokenize_rows(rows, source: Source, tokenizer, max_length: int, chat_template: str | None):
     """Stages 2 and 3 over a table of rows: a ``datasets.Dataset`` of ``input_ids``, ``labels``, ``truncated``,
-    ``length``, ``loss_count``; conversations without any assistant turn are left out. Cached with the rows' own cache."""
+    ``length``, ``loss_count`` (and ``weight`` when the rows have a ``weight`` column: it scales the sample's token
+    losses, never the normaliser); conversations without any assistant turn are left out. Cached with the rows'."""
+    weighted = "weight" in rows.column_names
 
     def convert(batch, indices):
         out = {"input_ids": [], "labels": [], "truncated": [], "length": [], "loss_count": []}
+        if weighted:
+            out["weight"] = []
         for offset, index in enumerate(indices):
             row = {column: values[offset] for column, values in batch.items()}
             messages = messages_from_row(row, source.name_or_path, index)
@@ -31,6 +35,8 @@ def tokenize_rows(rows, source: Source, tokenizer, max_length: int, chat_templat
                         out[key].append(sample[key])
                     out["length"].append(len(sample["input_ids"]))
                     out["loss_count"].append(count)
+                    if weighted:
+                        out["weight"].append(float(row["weight"]))
         return out
 
     template = chat_template or tokenizer.chat_template or ""
@@ -50,6 +56,8 @@ def load_samples(sources: list[Source], tokenizer, max_length: int, chat_templat
     import datasets
 
     parts = [tokenize_rows(rows_of(source), source, tokenizer, max_length, chat_template) for source in sources]
+    if any("weight" in part.column_names for part in parts):  # unweighted sources weigh 1
+        parts = [part if "weight" in part.column_names else part.add_column("weight", [1.0] * len(part)) for part in parts]
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 

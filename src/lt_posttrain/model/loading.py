@@ -16,6 +16,7 @@ from lt_posttrain.errors import UserError
 PACKAGE_SCHEME = "package://"
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
+GGUF_CONVERSION_VERSION = 2  # part of the cache key: bump when the conversion changes
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
@@ -59,13 +60,17 @@ def gguf_as_hf_folder(gguf_path: str) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     stat = os.stat(gguf_path)
-    key = hashlib.sha256(f"{os.path.abspath(gguf_path)}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    identity = f"{GGUF_CONVERSION_VERSION}:{os.path.abspath(gguf_path)}:{stat.st_size}:{stat.st_mtime_ns}"
+    key = hashlib.sha256(identity.encode()).hexdigest()[:16]
     target = _cache_root() / "gguf" / f"{Path(gguf_path).stem}-{key}"
     if (target / "config.json").exists():
         return str(target)
     folder, file = os.path.split(os.path.abspath(gguf_path))
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+    eos_id = model.config.eos_token_id
+    if isinstance(eos_id, int) and tokenizer.eos_token_id != eos_id:  # the file's tokenizer metadata can disagree
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos_id)
     # The weights are dequantized into plain tensors; forget the GGUF quantizer so the model saves as a dense one.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

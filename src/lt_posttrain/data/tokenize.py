@@ -45,6 +45,13 @@ def render_conversation(messages: list[dict], render) -> list[RenderedConversati
         if message["role"] in TRAINED_ROLES:
             prompt = render(messages[:i], True) if i else ""
             start = max(_common_prefix_length(prompt, full), _common_prefix_length(previous, full))
+            if not full.startswith(previous) and not full.startswith(prompt):
+                # This turn made the template rewrite earlier turns, so both references stop inside the history:
+                # two renderings with this turn's content replaced show where the turn starts in the rewritten text.
+                probes = [render(messages[:i] + [{**message, "content": text}], False) for text in ("a", "b")]
+                turn_start = _common_prefix_length(*probes)
+                if full.startswith(probes[0][:turn_start]):
+                    start = max(start, turn_start)
             end = len(full.rstrip())
             if current is None:
                 current = RenderedConversation(text=full)

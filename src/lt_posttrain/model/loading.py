@@ -66,8 +66,8 @@ def gguf_as_hf_folder(gguf_path: str) -> str:
     if (target / "config.json").exists():
         return str(target)
     folder, file = os.path.split(os.path.abspath(gguf_path))
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+    model = _load(AutoModelForCausalLM, folder, gguf_path, gguf_file=file, dtype=torch.float32)
+    tokenizer = _load(AutoTokenizer, folder, gguf_path, gguf_file=file)
     eos_id = model.config.eos_token_id
     if isinstance(eos_id, int) and tokenizer.eos_token_id != eos_id:  # the file's tokenizer metadata can disagree
         tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos_id)
@@ -122,6 +122,6 @@ def load_causal_lm(
 def _load(auto_class, source: str, name_or_path: str, **kwargs):
     try:
         return auto_class.from_pretrained(source, **kwargs)
-    except OSError as error:  # unreachable hub, missing files in a folder, gated repo
+    except (OSError, ImportError) as error:  # unreachable hub, missing files, gated repo, a missing package
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"model.name_or_path {name_or_path!r}: cannot load ({first_line})") from error

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from conftest import gsm8k_chats, write_jsonl
@@ -113,3 +114,48 @@ def test_validate_test_and_predict_subcommands(tiny_model_dir, chats, tmp_path):
     assert [record["reference"] for record in records] == [chat["messages"][1]["content"] for chat in expected]
     assert all(record["prompt"].endswith("<|im_start|>assistant\n") for record in records)
     assert all(isinstance(record["generated"], str) for record in records)
+
+
+def test_custom_trainer_from_the_command_line(tiny_model_dir, chats, tmp_path):
+    """``--model pkg.Class`` picks a subclass; its ``loss`` is used and its own arguments are keys."""
+    import csv
+    import os
+
+    def first_loss(*model_args) -> float:
+        root = tmp_path / "-".join(model_args or ("sft",)).replace(".", "_")
+        result = subprocess.run(
+            [sys.executable, "-m", "lt_posttrain.cli", "fit", *model_args, "--model.name_or_path", str(tiny_model_dir),
+             "--data.sources", f"[{chats}]", "--trainer.accelerator", "cpu", "--trainer.max_steps", "1",
+             "--trainer.log_every_n_steps", "1", "--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", str(root),
+             "--checkpoint.save_end_of_training", "false", "--trainer.enable_checkpointing", "false"],
+            capture_output=True, text=True, timeout=600,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])},
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-2000:]
+        metrics = next(root.rglob("metrics.csv"))
+        return float(next(row["train/loss"] for row in csv.DictReader(metrics.open()) if row["train/loss"]))
+
+    plain = first_loss()
+    smoothed = first_loss("--model", "custom_trainer.LabelSmoothingSFT", "--model.smoothing", "0.5")
+    assert smoothed != pytest.approx(plain, rel=1e-4)  # label smoothing changes the loss of the same batch
+
+
+def test_hf_export_every_n_steps(tiny_model_dir, chats, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    output = tmp_path / "export"
+    recipe = {
+        "model": {"name_or_path": str(tiny_model_dir)},
+        "data": {"sources": [str(chats)], "batch_size": 4},
+        "trainer": {"accelerator": "cpu", "max_steps": 4, "default_root_dir": str(tmp_path), "logger": False,
+                    "enable_progress_bar": False, "enable_checkpointing": False},
+        "checkpoint": {"output_dir": str(output), "save_every_n_steps": 2},
+    }  # fmt: skip
+    run(recipe)
+    assert sorted(p.name for p in output.iterdir() if p.is_dir()) == ["step-2", "step-4"]
+    step2 = AutoModelForCausalLM.from_pretrained(output / "step-2").state_dict()
+    final = AutoModelForCausalLM.from_pretrained(output).state_dict()
+    step4 = AutoModelForCausalLM.from_pretrained(output / "step-4").state_dict()
+    assert all(torch.equal(final[name], step4[name]) for name in final)
+    assert any(not torch.equal(step2[name], step4[name]) for name in step2)
+    assert not [p for p in output.iterdir() if p.name.startswith(".partial")]

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from lt_posttrain.errors import UserError
+from lt_posttrain.model.attention import VARLEN, register_varlen_attention
 
 PACKAGE_SCHEME = "package://"
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -106,13 +107,15 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 def load_causal_lm(
     name_or_path: str,
     dtype: str = "float32",
-    attn_implementation: Optional[str] = "sdpa",
+    attn_implementation: Optional[str] = VARLEN,
     trust_remote_code: bool = False,
 ):
     """The causal LM of ``name_or_path`` in train mode, weights in ``dtype``."""
     from transformers import AutoModelForCausalLM
 
     kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
+    if attn_implementation == VARLEN:
+        register_varlen_attention()
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     model = _load(AutoModelForCausalLM, _hf_source(name_or_path), name_or_path, **kwargs)

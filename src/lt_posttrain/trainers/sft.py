@@ -12,10 +12,12 @@ from typing import Literal, Optional
 import lightning as L
 import torch
 
+from lt_posttrain.model.attention import VARLEN
 from lt_posttrain.model.loading import load_causal_lm, load_tokenizer, resolve_model_path
 from lt_posttrain.model.optim import Schedule, build_adamw, build_schedule, warmup_steps_of
 from lt_posttrain.trainers.losses import token_cross_entropy_sum
 
+PACKED_KEYS = ("attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 Dtype = Literal["float32", "bfloat16", "float16", "auto"]
 
 
@@ -30,7 +32,9 @@ class SFTModule(L.LightningModule):
         warmup: linear warm-up; below 1 a fraction of the training steps, from 1 up a number of steps.
         schedule: the learning rate after warm-up: ``cosine`` or ``linear`` decay to zero, or ``constant``.
         dtype: dtype the weights are loaded in (``float32`` keeps fp32 master weights under mixed precision).
-        attn_implementation: the transformers attention implementation (``sdpa``, ``eager``, ...).
+        attn_implementation: the transformers attention implementation. ``varlen`` (default): each packed sample
+            attends only to itself, with torch's varlen flash kernel on GPU and no dense mask; ``sdpa``, ``eager``,
+            ... are transformers' own (packed samples then get a dense block-diagonal mask).
         gradient_checkpointing: recompute activations in the backward pass to save memory.
         trust_remote_code: allow a hub model's own Python code to run (off: only transformers' code runs).
         max_new_tokens: tokens generated per prompt by ``lt-posttrain predict`` (greedy).
@@ -44,7 +48,7 @@ class SFTModule(L.LightningModule):
         warmup: float = 0.0,
         schedule: Schedule = "cosine",
         dtype: Dtype = "float32",
-        attn_implementation: Optional[str] = "sdpa",
+        attn_implementation: Optional[str] = "varlen",
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
         max_new_tokens: int = 256,
@@ -70,7 +74,8 @@ class SFTModule(L.LightningModule):
 
     def forward(self, batch: dict) -> torch.Tensor:
         """Logits ``[batch, sequence, vocab]`` for a padded or packed micro-batch."""
-        inputs = {key: batch[key] for key in ("attention_mask", "position_ids") if key in batch}
+        keys = PACKED_KEYS if self.hparams.attn_implementation == VARLEN else ("attention_mask", "position_ids")
+        inputs = {key: batch[key] for key in keys if key in batch}
         return self.model(input_ids=batch["input_ids"], use_cache=False, **inputs).logits
 
     # -- the loss: the one method a custom trainer overrides --------------------------------------------------
@@ -138,6 +143,8 @@ class SFTModule(L.LightningModule):
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         """Greedy completions of the prompts: ``{"prompt", "reference", "generated"}`` per conversation."""
         prompt_ids = batch["input_ids"]
+        if self.model.config._attn_implementation == VARLEN:  # generation needs the padding mask and a KV cache
+            self.model.set_attn_implementation("sdpa")
         out = self.model.generate(
             input_ids=prompt_ids, attention_mask=batch["attention_mask"], max_new_tokens=self.hparams.max_new_tokens,
             do_sample=False, pad_token_id=self.tokenizer.pad_token_id,

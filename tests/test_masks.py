@@ -382,3 +382,25 @@ def test_tokenize_rendered_trains_tokens_whose_first_character_is_in_a_span(toke
     spans = [(text.index(" beta"), text.index(" gamma")), (text.index(" delta"), len(text))]
     sample = tokenize_rendered(RenderedConversation(text, spans), tokenizer, 100)
     assert [label != IGNORE_INDEX for label in sample["labels"]] == [token in ("Ġbeta", "Ġdelta") for token in tokens]
+
+
+def test_leading_assistant_turn_trains_only_its_content(tokenizer):
+    """A conversation that starts with the assistant (e.g. roles reversed by a mapping): the template's default
+    system prompt and the assistant header stay masked."""
+    messages = [
+        {"role": "assistant", "content": "Hello! How can I help?"},
+        {"role": "user", "content": "Add 2 and 2."},
+        {"role": "assistant", "content": "4"},
+    ]
+    (sample,) = tokenize_conversation(messages, tokenizer, 512)
+    assert_sample(
+        sample,
+        tokenizer,
+        [
+            (DEFAULT_SYSTEM + "<|im_start|>assistant\n", False),
+            ("Hello! How can I help?<|im_end|>", True),
+            ("\n<|im_start|>user\nAdd 2 and 2.<|im_end|>\n<|im_start|>assistant\n", False),
+            ("4<|im_end|>", True),
+            ("\n", False),
+        ],
+    )

@@ -72,8 +72,22 @@ def build_cli(args: Optional[list] = None, run: bool = True) -> PostTrainCLI:
 
 
 def main(args: Optional[list] = None) -> None:
+    """``lt-posttrain``: ``fit``/``validate``/``test``/``predict`` go to Lightning's CLI, ``data ...`` to
+    :mod:`lt_posttrain.commands.data` (commands that are not Trainer methods, so not LightningCLI subcommands)."""
+    argv = sys.argv[1:] if args is None else [str(arg) for arg in args]
     try:
-        build_cli(args)
+        if argv[:1] == ["data"]:
+            from lt_posttrain.commands import data
+
+            data.run(argv[1:])
+        elif argv in (["-h"], ["--help"]):
+            try:
+                build_cli(args)
+            finally:
+                print("\nother commands:\n  data {prepare,preview}  tokenize and count a recipe's data, or show its "
+                      "samples (lt-posttrain data --help)")  # fmt: skip
+        else:
+            build_cli(args)
     except Exception as error:
         user_error = find_user_error(error)
         if user_error is None:

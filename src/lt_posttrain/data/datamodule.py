@@ -9,8 +9,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from lt_posttrain.data.dataset import MicroBatchDataset, load_samples
-from lt_posttrain.data.messages import messages_from_row
+from lt_posttrain.data.dataset import MicroBatchDataset, describe_dropped, load_samples
+from lt_posttrain.data.formats import load_format
 from lt_posttrain.data.packing import pack_best_fit
 from lt_posttrain.data.plan import PlanSampler
 from lt_posttrain.data.prompts import collate_prompts, prompt_of
@@ -24,7 +24,9 @@ class InstructDataModule(L.LightningDataModule):
 
     Args:
         sources: training data; each entry a hub id or local path, or a mapping with ``name_or_path``, ``split``,
-            ``sample_count``, ``shuffle``, ``seed``. Rows need a ``messages`` column of ``{role, content}`` turns.
+            ``sample_count``, ``shuffle``, ``seed`` and ``type`` (how a row becomes a conversation: ``messages``, a
+            column of ``{role, content}`` turns, by default; ``huggingface_instruct``, ``prompt_generation``,
+            ``ragfit`` or a plugin) with that type's keys (see ``lt_posttrain.Source``).
         val_sources: validation data, same shape as ``sources``.
         val_fraction: without ``val_sources``, hold out this fraction of the training conversations.
         test_sources: data for ``lt-posttrain test`` and ``predict`` (default: the validation data).
@@ -65,6 +67,7 @@ class InstructDataModule(L.LightningDataModule):
         self.chat_template = _read_template(chat_template)
         self.tokenizer = None
         self.train_samples = self.val_samples = self.test_samples = None
+        self.dropped: dict = {}
 
     def connect(self, tokenizer) -> None:
         """Give the data module the model's tokenizer (the CLI does this; ``setup`` falls back to the model's)."""
@@ -73,22 +76,23 @@ class InstructDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         if self.tokenizer is None:
             self.tokenizer = self.trainer.lightning_module.tokenizer
-        if not (self.chat_template or self.tokenizer.chat_template):
-            raise UserError("the tokenizer has no chat template: set data.chat_template (Jinja text or a file)")
         if self.train_samples is not None or stage == "predict":
             return
         load = lambda sources: load_samples(sources, self.tokenizer, self.max_length, self.chat_template)  # noqa: E731
-        samples = load(self.sources)
+        samples, self.dropped = load(self.sources)
         if self.val_sources:
-            self.train_samples, self.val_samples = samples, load(self.val_sources)
+            self.train_samples, self.val_samples = samples, load(self.val_sources)[0]
         elif self.val_fraction > 0:
             split = samples.train_test_split(test_size=self.val_fraction, seed=self.seed)
             self.train_samples, self.val_samples = split["train"], split["test"]
         else:
             self.train_samples = samples
         if len(self.train_samples) == 0:
-            raise UserError("no training sample has an assistant turn to learn from: check data.sources")
-        self.test_samples = load(self.test_sources) if self.test_sources else self.val_samples
+            raise UserError(
+                f"no training sample has an assistant turn to learn from: {describe_dropped(self.dropped)}; check "
+                "data.sources (type, role_mapping, columns) and data.max_length"
+            )
+        self.test_samples = load(self.test_sources)[0] if self.test_sources else self.val_samples
         self.train_rows = self._rows(self.train_samples)
         self.val_rows = self._rows(self.val_samples) if self.val_samples is not None else None
         self.test_rows = self._rows(self.test_samples) if self.test_samples is not None else None
@@ -99,7 +103,8 @@ class InstructDataModule(L.LightningDataModule):
         loss_tokens = sum(self.train_samples["loss_count"])
         rank_zero_info(
             f"data: {len(self.train_samples)} training samples, {loss_tokens} loss tokens, {truncated} cut to "
-            f"{self.max_length} tokens; {len(self.val_samples) if self.val_samples is not None else 0} validation samples"
+            f"{self.max_length} tokens; {len(self.val_samples) if self.val_samples is not None else 0} validation "
+            f"samples; {describe_dropped(self.dropped)}"
         )
 
     def _rows(self, samples) -> list[list[int]]:
@@ -136,12 +141,12 @@ class InstructDataModule(L.LightningDataModule):
 
     def predict_dataloader(self):
         """The test (else validation) conversations as prompts, for greedy generation of their last answer."""
-        sources = self.test_sources or self.val_sources or self.sources
-        prompts = [
-            prompt_of(messages_from_row(row, source.name_or_path, index), self.tokenizer, self.chat_template)
-            for source in sources
-            for index, row in enumerate(load_rows(source))
-        ]
+        prompts = []
+        for source in self.test_sources or self.val_sources or self.sources:
+            source_format = load_format(source)
+            render = source_format.resolved_renderer(self.tokenizer, self.chat_template)
+            conversations = (source_format.messages(row, index) for index, row in enumerate(load_rows(source)))
+            prompts += [prompt_of(messages, self.tokenizer, render=render) for messages in conversations if messages]
         collate = partial(collate_prompts, pad_id=self.tokenizer.pad_token_id)
         return DataLoader(prompts, batch_size=self.batch_size, collate_fn=collate, num_workers=self.num_workers)
 

@@ -1,64 +1,133 @@
 """The tokenized samples of a recipe's sources, and the micro-batches the plan asks for."""
 
 import hashlib
+from collections import Counter
 
 import torch
 
 from torch.utils.data import Dataset
 
 from lt_posttrain.data.collate import collate_packed, collate_padded
-from lt_posttrain.data.messages import messages_from_row
+from lt_posttrain.data.formats import RenderError, load_format
 from lt_posttrain.data.plan import MicroBatch
 from lt_posttrain.data.sources import Source, load_rows
-from lt_posttrain.data.tokenize import count_loss_tokens, tokenize_conversation
+from lt_posttrain.data.tokenize import TRAINED_ROLES, count_loss_tokens, render_conversation, tokenize_rendered
+from lt_posttrain.errors import UserError
 
-FORMAT_VERSION = "2"  # bump when tokenization changes, so cached results are not reused
+FORMAT_VERSION = "4"  # bump when tokenization changes, so cached results are not reused
+
+NO_ASSISTANT_TURN = "no assistant turn"
+NO_LOSS_TOKEN = "no answer token within max_length"
+_COLUMNS = ("input_ids", "labels", "truncated", "length", "loss_count")
+_EMPTY = {"input_ids": [], "labels": [], "truncated": 0}  # stands in for a dropped row until it is counted
+
+
+def conversation_samples(messages: list[dict], render, tokenizer, max_length: int, where: str) -> list[dict]:
+    """Stage 3 for one conversation: its samples that carry loss (none without an assistant turn). ``where`` names
+    the source and row in errors."""
+    if not any(message["role"] in TRAINED_ROLES for message in messages):
+        return []
+    try:
+        parts = render_conversation(messages, render)
+    except RenderError as error:
+        raise UserError(f"{where}: {error}") from error
+    samples = [tokenize_rendered(part, tokenizer, max_length) for part in parts]
+    return [sample for sample in samples if count_loss_tokens(sample["labels"])]
 
 
 def tokenize_rows(rows, source: Source, tokenizer, max_length: int, chat_template: str | None):
-    """Stages 2 and 3 over a table of rows: a ``datasets.Dataset`` of ``input_ids``, ``labels``, ``truncated``,
+    """Stages 2 and 3 over a table of rows: each row becomes a conversation with the source's format (its ``type``)
+    and is rendered with the format's renderer, else the chat template.
+
+    Returns ``(samples, dropped)``: ``samples`` a ``datasets.Dataset`` of ``input_ids``, ``labels``, ``truncated``,
     ``length``, ``loss_count`` (and ``weight`` when the rows have a ``weight`` column: it scales the sample's token
-    losses, never the normaliser); conversations without any assistant turn are left out. Cached with the rows'."""
+    losses, never the normaliser); ``dropped`` the rows left out, by reason (no assistant turn, or no answer token
+    within ``max_length``). Cached with the rows'.
+    """
+    source_format = load_format(source)
+    render = source_format.resolved_renderer(tokenizer, chat_template)
+    where = f"data source {source.name_or_path!r}"
     weighted = "weight" in rows.column_names
 
     def convert(batch, indices):
-        out = {"input_ids": [], "labels": [], "truncated": [], "length": [], "loss_count": []}
-        if weighted:
-            out["weight"] = []
+        out = {key: [] for key in _COLUMNS + (("weight",) if weighted else ()) + ("dropped",)}
+
+        def add(sample: dict, loss_count: int, weight: float, dropped: str = "") -> None:
+            for key in ("input_ids", "labels", "truncated"):
+                out[key].append(sample[key])
+            out["length"].append(len(sample["input_ids"]))
+            out["loss_count"].append(loss_count)
+            out["dropped"].append(dropped)
+            if weighted:
+                out["weight"].append(weight)
+
         for offset, index in enumerate(indices):
             row = {column: values[offset] for column, values in batch.items()}
-            messages = messages_from_row(row, source.name_or_path, index)
-            for sample in tokenize_conversation(messages, tokenizer, max_length, chat_template):
-                count = count_loss_tokens(sample["labels"])
-                if count:
-                    for key in ("input_ids", "labels", "truncated"):
-                        out[key].append(sample[key])
-                    out["length"].append(len(sample["input_ids"]))
-                    out["loss_count"].append(count)
-                    if weighted:
-                        out["weight"].append(float(row["weight"]))
+            weight = float(row["weight"]) if weighted else 1.0
+            messages = source_format.messages(row, index)
+            samples = conversation_samples(messages, render, tokenizer, max_length, f"{where}, row {index}")
+            for sample in samples:
+                add(sample, count_loss_tokens(sample["labels"]), weight)
+            if not samples:
+                has_turn = any(message["role"] in TRAINED_ROLES for message in messages)
+                add(_EMPTY, 0, weight, NO_LOSS_TOKEN if has_turn else NO_ASSISTANT_TURN)
         return out
 
     template = chat_template or tokenizer.chat_template or ""
-    identity = f"{FORMAT_VERSION}|{rows._fingerprint}|{tokenizer.name_or_path}|{len(tokenizer)}|{template}|{max_length}"
-    return rows.map(
+    identity = (
+        f"{FORMAT_VERSION}|{rows._fingerprint}|{tokenizer.name_or_path}|{len(tokenizer)}|{template}|{max_length}|"
+        f"{source_format.identity()}"
+    )
+    converted = rows.map(
         convert,
         batched=True,
         with_indices=True,
         remove_columns=rows.column_names,
+        features=_features(weighted),
         new_fingerprint=hashlib.sha256(identity.encode()).hexdigest()[:32],
         desc=f"Tokenizing {source.name_or_path}",
     )
+    reasons = converted["dropped"]
+    dropped = Counter(reason for reason in reasons if reason)
+    if dropped:
+        converted = converted.select([index for index, reason in enumerate(reasons) if not reason])
+    return converted.remove_columns("dropped"), dict(dropped)
+
+
+def _features(weighted: bool):
+    import datasets
+
+    ids, number = datasets.Sequence(datasets.Value("int64")), datasets.Value("int64")
+    features = {"input_ids": ids, "labels": ids, "truncated": number, "length": number, "loss_count": number}
+    if weighted:
+        features["weight"] = datasets.Value("float64")
+    return datasets.Features({**features, "dropped": datasets.Value("string")})
 
 
 def load_samples(sources: list[Source], tokenizer, max_length: int, chat_template: str | None, rows_of=load_rows):
-    """All sources tokenized and concatenated (a ``datasets.Dataset``)."""
+    """All sources tokenized and concatenated: ``(samples, dropped)``, a ``datasets.Dataset`` and the rows left
+    out, counted by ``(source name, reason)``."""
     import datasets
 
-    parts = [tokenize_rows(rows_of(source), source, tokenizer, max_length, chat_template) for source in sources]
+    parts, dropped = [], Counter()
+    for source in sources:
+        samples, reasons = tokenize_rows(rows_of(source), source, tokenizer, max_length, chat_template)
+        parts.append(samples)
+        dropped.update({(source.name_or_path, reason): count for reason, count in reasons.items()})
     if any("weight" in part.column_names for part in parts):  # unweighted sources weigh 1
-        parts = [part if "weight" in part.column_names else part.add_column("weight", [1.0] * len(part)) for part in parts]
-    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+        parts = [
+            part if "weight" in part.column_names else part.add_column("weight", [1.0] * len(part)) for part in parts
+        ]
+    return (parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)), dict(dropped)
+
+
+def describe_dropped(dropped: dict) -> str:
+    """``dropped`` (from :func:`load_samples`) in words: how many rows, of which source, and why."""
+    if not dropped:
+        return "no row was dropped"
+    total = sum(dropped.values())
+    details = "; ".join(f"{count} from {name!r}: {reason}" for (name, reason), count in sorted(dropped.items()))
+    return f"{total} row{'s' if total != 1 else ''} dropped ({details})"
 
 
 class MicroBatchDataset(Dataset):

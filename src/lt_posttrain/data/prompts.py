@@ -5,11 +5,11 @@ import torch
 from lt_posttrain.data.tokenize import TRAINED_ROLES, template_renderer
 
 
-def prompt_of(messages: list[dict], tokenizer, chat_template: str | None = None) -> dict:
-    """The conversation before its last assistant turn, rendered with the generation prompt, as ``input_ids``; the
-    held-back assistant text is the ``reference``."""
+def prompt_of(messages: list[dict], tokenizer, chat_template: str | None = None, render=None) -> dict:
+    """The conversation before its last assistant turn, rendered with the generation prompt (by ``render``, else the
+    chat template), as ``input_ids``; the held-back assistant text is the ``reference``."""
     last = max((i for i, message in enumerate(messages) if message["role"] in TRAINED_ROLES), default=len(messages))
-    text = template_renderer(tokenizer, chat_template)(messages[:last], True)
+    text = (render or template_renderer(tokenizer, chat_template))(messages[:last], True)
     reference = messages[last]["content"] if last < len(messages) else ""
     return {"input_ids": tokenizer(text, add_special_tokens=False)["input_ids"], "prompt": text, "reference": reference}
 

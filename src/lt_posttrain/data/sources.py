@@ -1,8 +1,9 @@
 """Stage 1: a data source (hub id, local file or folder) becomes a table of rows."""
 
+import difflib
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional, Union
 
@@ -14,7 +15,7 @@ _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 @dataclass
 class Source:
-    """One data source of a recipe.
+    """One data source of a recipe: where its rows are, and how a row becomes a conversation.
 
     Args:
         name_or_path: a hub dataset id (``HuggingFaceH4/ultrachat_200k``), a local ``.json``/``.jsonl``/``.parquet``
@@ -23,6 +24,30 @@ class Source:
         sample_count: keep only the first N rows (after shuffling, if ``shuffle``).
         shuffle: shuffle the rows (with ``seed``) before ``sample_count`` is applied.
         seed: seed of that shuffle.
+        type: how a row becomes a conversation: ``messages`` (a column of ``{role, content}`` turns),
+            ``huggingface_instruct`` (columns mapped to roles with ``role_mapping``), ``prompt_generation``
+            (``{"prompt", "generation"}`` rows, rendered as plain text), ``ragfit`` (RAG-FiT's query/answer rows), the
+            name of a plugin registered under the ``lt_posttrain.data_sources`` entry-point group, or a dotted import
+            path ``my_package.formats.MyFormat``.
+        weight: this source's share when sources are mixed (carried for the mixer; it does not change a sample).
+        messages_column: ``messages``: the column holding the list of turns.
+        role_mapping: ``huggingface_instruct``: role to where its text is, e.g. ``{user: question, assistant:
+            answer}`` (a string column per role) or ``{user: conversations.from.human, assistant:
+            conversations.from.gpt}`` (the turns of a list column whose ``from`` field is ``human`` or ``gpt``).
+            Omitted: the known mapping of a well-known hub data set, else ``{user: user, assistant: assistant}``.
+        content_key: the field holding a turn's text in a list of turns (``value`` in ShareGPT).
+        role_key: ``messages``: the field holding a turn's role.
+        input_key: ``prompt_generation``/``ragfit``: the column of the prompt (default ``prompt``).
+        output_key: ``prompt_generation``/``ragfit``: the column of the answer (default ``generation`` for
+            ``prompt_generation``; required for ``ragfit``; a list column gives its first item).
+        instruction: ``ragfit``: a text file whose content is the system prompt.
+        instruction_in_prompt: ``ragfit``: put the instruction before the query in the user turn instead of a system
+            turn (for models without a system role).
+        template: ``ragfit``: a prompt template (text, or a file) with ``{query}`` and ``{output}`` placeholders, used
+            instead of the chat template (for tokenizers without one); the text before ``{output}`` is the prompt.
+        completion_start: ``ragfit``: text that the rendered prompt ends with, such as ``<|assistant|>``; loss starts
+            right after its last occurrence before the answer.
+        options: settings of a plugin type, passed to it as they are.
     """
 
     name_or_path: str
@@ -30,12 +55,34 @@ class Source:
     sample_count: Optional[int] = None
     shuffle: bool = False
     seed: int = 0
+    type: str = "messages"
+    weight: Optional[float] = None
+    messages_column: str = "messages"
+    role_mapping: Optional[dict[str, str]] = None
+    content_key: str = "content"
+    role_key: str = "role"
+    input_key: Optional[str] = None
+    output_key: Optional[str] = None
+    instruction: Optional[str] = None
+    instruction_in_prompt: bool = False
+    template: Optional[str] = None
+    completion_start: Optional[str] = None
+    options: dict = field(default_factory=dict)
 
 
 def as_source(entry: Union[str, Source, dict]) -> Source:
+    """A :class:`Source` from a path or hub id, a mapping of its fields, or a ``Source``."""
     if isinstance(entry, Source):
         return entry
     if isinstance(entry, dict):
+        known = [item.name for item in fields(Source)]
+        for key in entry:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
+                raise UserError(f"data source {entry.get('name_or_path', entry)!r}: unknown key {key!r} ({hint})")
+        if "name_or_path" not in entry:
+            raise UserError(f"data source {entry!r}: no 'name_or_path' (give a hub id or a local file)")
         return Source(**entry)
     return Source(name_or_path=str(entry))
 

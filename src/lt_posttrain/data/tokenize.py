@@ -45,9 +45,10 @@ def render_conversation(messages: list[dict], render) -> list[RenderedConversati
         if message["role"] in TRAINED_ROLES:
             prompt = render(messages[:i], True) if i else ""
             start = max(_common_prefix_length(prompt, full), _common_prefix_length(previous, full))
-            if not full.startswith(previous) and not full.startswith(prompt):
-                # This turn made the template rewrite earlier turns, so both references stop inside the history:
-                # two renderings with this turn's content replaced show where the turn starts in the rewritten text.
+            if i == 0 or (not full.startswith(previous) and not full.startswith(prompt)):
+                # Nothing rendered before this turn (a leading assistant turn still gets the template's header and
+                # default system prompt), or this turn made the template rewrite earlier turns: two renderings with
+                # this turn's content replaced show where its content starts.
                 probes = [render(messages[:i] + [{**message, "content": text}], False) for text in ("a", "b")]
                 turn_start = _common_prefix_length(*probes)
                 if full.startswith(probes[0][:turn_start]):

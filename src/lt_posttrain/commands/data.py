@@ -1,0 +1,332 @@
+"""``lt-posttrain data prepare`` and ``lt-posttrain data preview``: a recipe's data, tokenized and looked at, without
+loading the model's weights.
+
+Both read the recipe of ``fit`` (``--config recipe.yaml``) and take its keys on the command line the same way
+(``--data.max_length 1024``, ``--data.sources '[chats.jsonl]'``, ``--model.name_or_path ...``). The ``data`` section
+is parsed and validated as ``fit`` does it (an :class:`InstructDataModule`, flat keys or ``class_path``/
+``init_args``); of the ``model`` section only ``name_or_path`` and ``trust_remote_code`` are read, for the tokenizer.
+"""
+
+import contextlib
+import io
+import json
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any, Literal, Optional, Union
+
+from jsonargparse import ArgumentParser, auto_cli
+
+from lt_posttrain.cli import _config_files
+from lt_posttrain.cli_errors import ConfigError, explain_parser_error
+from lt_posttrain.data.datamodule import InstructDataModule
+from lt_posttrain.data.formats import load_format
+from lt_posttrain.data.sources import Source, load_rows
+from lt_posttrain.data.stats import PERCENTILES, sample_stats
+from lt_posttrain.data.dataset import conversation_samples
+from lt_posttrain.data.tokenize import IGNORE_INDEX, count_loss_tokens
+from lt_posttrain.errors import UserError
+from lt_posttrain.model.loading import load_tokenizer
+
+Format = Literal["text", "json"]
+Section = Optional[dict[str, Any]]
+LOSS_STYLE, CONTEXT_STYLE = "black on green", "dim"
+
+
+# -- the commands ------------------------------------------------------------------------------------------------
+def prepare(
+    data: InstructDataModule,
+    model: Section = None,
+    format: Format = "text",
+    trainer: Section = None,
+    checkpoint: Section = None,
+    predictions: Section = None,
+    seed_everything: Union[bool, int] = True,
+    optimizer: Union[dict, str, None] = None,
+    lr_scheduler: Union[dict, str, None] = None,
+    ckpt_path: Optional[str] = None,
+    weights_only: Optional[bool] = None,
+) -> None:
+    """Tokenize a recipe's data as fit will, and print what it holds.
+
+    The samples are cached by ``datasets``, so a ``fit`` with the same data and tokenizer reuses them. Printed for
+    the training and the validation data: rows in, samples kept, rows dropped, samples cut to max_length, tokens,
+    loss tokens and their share, and token-length percentiles.
+
+    Args:
+        data: the recipe's ``data`` section (``InstructDataModule``), e.g. ``--data.max_length 1024``.
+        model: the recipe's ``model`` section; only ``name_or_path`` and ``trust_remote_code`` are read, to load the
+            tokenizer (never the weights).
+        format: ``text`` (a table) or ``json`` (one JSON object).
+        trainer: accepted so that a ``fit`` recipe can be given unchanged; not used.
+        checkpoint: not used (a ``fit`` recipe section).
+        predictions: not used (a ``fit`` recipe section).
+        seed_everything: not used (a ``fit`` recipe key).
+        optimizer: not used (a ``fit`` recipe key).
+        lr_scheduler: not used (a ``fit`` recipe key).
+        ckpt_path: not used (a ``fit`` recipe key).
+        weights_only: not used (a ``fit`` recipe key).
+    """
+    data.connect(tokenizer_of(model))
+    data.setup("fit")
+    report = {"tokenizer": str(model_keys(model)["name_or_path"]), **data_report(data)}
+    print(json.dumps(report) if format == "json" else format_report(report))
+
+
+def preview(
+    data: InstructDataModule,
+    model: Section = None,
+    num: int = 3,
+    format: Format = "text",
+    trainer: Section = None,
+    checkpoint: Section = None,
+    predictions: Section = None,
+    seed_everything: Union[bool, int] = True,
+    optimizer: Union[dict, str, None] = None,
+    lr_scheduler: Union[dict, str, None] = None,
+    ckpt_path: Optional[str] = None,
+    weights_only: Optional[bool] = None,
+) -> None:
+    """Show the first training samples as the model sees them, the tokens that carry loss highlighted.
+
+    The samples are taken in source order, before shuffling and before the validation hold-out.
+
+    Args:
+        data: the recipe's ``data`` section (``InstructDataModule``), e.g. ``--data.max_length 1024``.
+        model: the recipe's ``model`` section; only ``name_or_path`` and ``trust_remote_code`` are read, to load the
+            tokenizer (never the weights).
+        num: how many samples to show.
+        format: ``text`` (tokens that carry loss on a green background, the others dim) or ``json`` (one
+            ``{"messages", "input_ids", "labels"}`` object per line; ``labels`` is -100 where there is no loss).
+        trainer: accepted so that a ``fit`` recipe can be given unchanged; not used.
+        checkpoint: not used (a ``fit`` recipe section).
+        predictions: not used (a ``fit`` recipe section).
+        seed_everything: not used (a ``fit`` recipe key).
+        optimizer: not used (a ``fit`` recipe key).
+        lr_scheduler: not used (a ``fit`` recipe key).
+        ckpt_path: not used (a ``fit`` recipe key).
+        weights_only: not used (a ``fit`` recipe key).
+    """
+    if num < 0:
+        raise UserError(f"--num must be 0 or more, got {num}")
+    tokenizer = tokenizer_of(model)
+    data.connect(tokenizer)
+    samples = first_samples(data, num)
+    if format == "json":
+        for messages, sample in samples:
+            print(json.dumps({"messages": messages, "input_ids": sample["input_ids"], "labels": sample["labels"]}))
+        return
+    from rich.console import Console
+
+    console = Console(highlight=False, soft_wrap=True)
+    console.print(_legend())
+    for index, (_messages, sample) in enumerate(samples):
+        console.print()
+        console.print(_header(index, sample))
+        console.print(sample_text(sample["input_ids"], sample["labels"], tokenizer))
+
+
+# -- the pieces ---------------------------------------------------------------------------------------------------
+def model_keys(model: Optional[dict]) -> dict:
+    """The init arguments of a recipe's ``model`` section, flat or ``class_path``/``init_args`` (flat keys, e.g. from
+    ``--model.name_or_path``, win); ``name_or_path`` is required."""
+    model = model or {}
+    flat = {key: value for key, value in model.items() if key not in ("class_path", "init_args")}
+    keys = {**(model.get("init_args") or {}), **flat}
+    if not keys.get("name_or_path"):
+        raise UserError("model.name_or_path is missing: the tokenizer is read from it (set it in the recipe or give "
+                        "--model.name_or_path)")  # fmt: skip
+    return keys
+
+
+def tokenizer_of(model: Optional[dict]):
+    """The tokenizer of a recipe's ``model`` section (its weights are never loaded)."""
+    keys = model_keys(model)
+    return load_tokenizer(str(keys["name_or_path"]), trust_remote_code=bool(keys.get("trust_remote_code", False)))
+
+
+def first_samples(data: InstructDataModule, num: int) -> Iterator[tuple[list[dict], dict]]:
+    """The first ``num`` training samples in source order, each with the conversation it came from: the stages the
+    data module runs (rows, messages, tokens), row by row, keeping the samples that carry loss as it does."""
+    if num <= 0:
+        return
+    for source in data.sources:
+        source_format = load_format(source)
+        render = source_format.resolved_renderer(data.tokenizer, data.chat_template)
+        for index, row in enumerate(load_rows(source)):
+            messages = source_format.messages(row, index)
+            where = f"data source {source.name_or_path!r}, row {index}"
+            for sample in conversation_samples(messages, render, data.tokenizer, data.max_length, where):
+                yield messages, sample
+                num -= 1
+                if num == 0:
+                    return
+
+
+def data_report(data: InstructDataModule) -> dict:
+    """The statistics of a data module after ``setup("fit")``: ``max_length``, ``packing`` and, per split (``train``,
+    ``validation`` (``None`` without validation data), and ``test`` with ``test_sources``), :func:`sample_stats`
+    (plus ``packed_rows`` with packing, and the training rows dropped by reason)."""
+
+    def rows_of(sources: list[Source]) -> int:
+        return sum(len(load_rows(source)) for source in sources)
+
+    def stats(samples, packed_rows, rows=None, held_out=0, dropped=None) -> dict:
+        result = sample_stats(samples, rows, held_out, dropped)
+        if data.packing:
+            result["packed_rows"] = len(packed_rows)
+        return result
+
+    held_out = len(data.val_samples) if data.val_samples is not None and not data.val_sources else 0
+    reasons: dict[str, int] = {}
+    for (_source, reason), count in data.dropped.items():
+        reasons[reason] = reasons.get(reason, 0) + count
+    report = {
+        "max_length": data.max_length,
+        "packing": data.packing,
+        "train": {
+            **stats(data.train_samples, data.train_rows, rows_of(data.sources), held_out, sum(reasons.values())),
+            "dropped_reasons": reasons,
+        },
+        "validation": None,
+    }
+    if data.val_samples is not None:
+        val_rows = rows_of(data.val_sources) if data.val_sources else None  # else held out from the training rows
+        report["validation"] = stats(data.val_samples, data.val_rows, val_rows)
+    if data.test_sources:
+        report["test"] = stats(data.test_samples, data.test_rows, rows_of(data.test_sources))
+    return report
+
+
+def format_report(report: dict) -> str:
+    """:func:`data_report` as a table."""
+    columns = ["rows", "held out", "samples", "dropped", "truncated", "tokens", "loss tokens", "loss share"]
+    columns += [f"p{p}" for p in PERCENTILES] + ["max"]
+    if report["packing"]:
+        columns.append("packed rows")
+    splits = [name for name in ("train", "validation", "test") if report.get(name)]
+    table = [["", *columns]]
+    for name in splits:
+        s = report[name]
+        held_out = s["held_out"] if s["rows"] is not None else None
+        values = [s["rows"], held_out, s["samples"], s["dropped"], s["truncated"], s["tokens"], s["loss_tokens"],
+                  f"{100 * s['loss_share']:.1f}%", *s["length"].values(), s.get("packed_rows")]  # fmt: skip
+        table.append([name, *("-" if value is None else str(value) for value in values[: len(columns)])])
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    packing = "on" if report["packing"] else "off"
+    lines = [
+        f"tokenizer {report.get('tokenizer', '?')}, max_length {report['max_length']}, packing {packing}",
+        "",
+        *("  ".join([row[0].ljust(widths[0]), *map(str.rjust, row[1:], widths[1:])]) for row in table),
+        "",
+        "rows: source rows read; held out: samples set aside for validation (data.val_fraction); dropped: rows with no",
+        "assistant token to learn from; truncated: samples cut to max_length; p50..max: tokens per sample.",
+    ]  # fmt: skip
+    reasons = report["train"].get("dropped_reasons")
+    if reasons:
+        lines.append("train rows dropped: " + ", ".join(f"{n} ({reason})" for reason, n in reasons.items()) + ".")
+    if report.get("validation") is None:
+        lines.append("No validation data (set data.val_fraction or data.val_sources).")
+    return "\n".join(lines)
+
+
+def token_pieces(input_ids: list[int], tokenizer, context: int = 4) -> list[str]:
+    """The text of each token as it appears in the decoded sequence (their concatenation is the decoded text).
+
+    A token decoded alone can lose its leading space (SentencePiece) or hold half a UTF-8 character, so each token
+    is decoded after a few tokens of context and only the new text is kept; a token that ends inside a character
+    gets ``""`` and the token that completes it the whole character.
+    """
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    pieces, start = [], 0  # start: the first token whose text is not out yet
+    for end in range(1, len(input_ids) + 1):
+        left = max(0, start - context)
+        before, after = decode(input_ids[left:start]), decode(input_ids[left:end])
+        if after.endswith("\ufffd") and end < len(input_ids) and end - start < 4:
+            pieces.append("")
+            continue
+        pieces.append(after[len(before) :] if after.startswith(before) else decode(input_ids[start:end]))
+        start = end
+    return pieces
+
+
+def sample_text(input_ids: list[int], labels: list[int], tokenizer):
+    """A ``rich`` ``Text`` of one sample, token by token: tokens that carry loss on green, the others dim."""
+    from rich.text import Text
+
+    text, trained = Text(), False
+    for piece, label in zip(token_pieces(input_ids, tokenizer), labels):
+        trained = trained or label != IGNORE_INDEX  # a character split over tokens is trained if any part is
+        if piece:
+            text.append(piece, style=LOSS_STYLE if trained else CONTEXT_STYLE)
+            trained = False
+    return text
+
+
+def _legend():
+    from rich.text import Text
+
+    return Text.assemble(
+        "green: ", ("tokens that carry loss", LOSS_STYLE), "; dim: ", ("context, no loss", CONTEXT_STYLE)
+    )
+
+
+def _header(index: int, sample: dict):
+    from rich.text import Text
+
+    counts = f"{len(sample['input_ids'])} tokens, {count_loss_tokens(sample['labels'])} loss tokens"
+    cut = f", {sample['truncated']} tokens cut" if sample["truncated"] else ""
+    return Text(f"── sample {index}: {counts}{cut} ──", style="bold")
+
+
+# -- the command line ---------------------------------------------------------------------------------------------
+# One level of subcommands under the prog ``lt-posttrain data``: jsonargparse 4.53 loses the name of an unknown
+# recipe key under nested subcommands (``{"data": {"prepare": ...}}`` reports it as ``'data'``).
+COMMANDS = {"prepare": prepare, "preview": preview}
+
+
+class _Parser(ArgumentParser):
+    """jsonargparse's parser whose usage-and-error output becomes one :class:`ConfigError`, as in ``fit``."""
+
+    _parsing = False
+
+    def parse_args(self, args=None, *rest, **kwargs):
+        if _Parser._parsing:  # a parser used inside the outer parse: leave its errors to it
+            return super().parse_args(args, *rest, **kwargs)
+        printed = io.StringIO()
+        _Parser._parsing = True
+        try:
+            with contextlib.redirect_stderr(printed):
+                return super().parse_args(args, *rest, **kwargs)
+        except SystemExit as exit:
+            if exit.code in (0, None) or "error:" not in printed.getvalue():
+                raise
+            message = printed.getvalue().split("error:", 1)[1]
+            raise ConfigError(explain_parser_error(message, _option_names(self), _config_files(args))) from None
+        finally:
+            _Parser._parsing = False
+            if "error:" not in printed.getvalue():
+                sys.stderr.write(printed.getvalue())
+
+
+def _option_names(parser: ArgumentParser) -> list[str]:
+    options, parsers = set(), [parser]
+    while parsers:
+        current = parsers.pop()
+        options.update(option for option in current._option_string_actions if option.startswith("--"))
+        parsers.extend(getattr(getattr(current, "_subcommands_action", None), "_name_parser_map", {}).values())
+    return sorted(options)
+
+
+def run(args: list[str]) -> None:
+    """Run ``lt-posttrain data ARGS`` (``args``: ``["prepare", "--config", ...]``), parsed by ``jsonargparse``; bad
+    input is raised as a ``UserError``."""
+    try:
+        auto_cli(COMMANDS, args=[str(arg) for arg in args], as_positional=False, parser_class=_Parser,
+                 prog="lt-posttrain data", description="Prepare or preview the data of a recipe.")  # fmt: skip
+    except BrokenPipeError:  # the reader went away (``| head``): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)

@@ -160,3 +160,34 @@ def test_recipe_keys_parse_into_a_source():
     config = parser.parse_args(["--data.sources", f"[{source}]"])
     [parsed] = parser.instantiate_classes(config).data.sources
     assert parsed.type == "huggingface_instruct" and parsed.role_mapping == {"user": "question", "assistant": "answer"}
+
+
+def test_hub_source_asks_for_its_split_and_subset_and_knows_gsm8k(monkeypatch, tokenizer):
+    """A hub id goes to ``datasets.load_dataset`` with its subset and split (stood in for by the local GSM8K-train
+    file: no hub here); ``openai/gsm8k`` needs no role_mapping."""
+    import datasets
+
+    from conftest import GSM8K
+
+    asked = []
+    local = datasets.load_dataset("json", data_files=str(GSM8K), split="train")
+
+    def load_dataset(path, name=None, split=None, **kwargs):
+        asked.append((path, name, split))
+        return local
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    source = {"name_or_path": "openai/gsm8k", "subset": "main", "split": "train", "type": "huggingface_instruct",
+              "sample_count": 5}  # fmt: skip
+    data = InstructDataModule(sources=[source], max_length=512)
+    data.connect(tokenizer)
+    data.setup("fit")
+    assert asked == [("openai/gsm8k", "main", "train")]
+    first = tokenizer.decode(data.train_samples[0]["input_ids"])
+    assert local[0]["question"] in first and local[0]["answer"] in first and len(data.train_samples) == 5
+
+
+def test_unreachable_hub_source_is_one_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match=r"^data source 'openai/gsm8k' \(split 'test', subset 'main'\): not a local path"):
+        load_rows(Source(name_or_path="openai/gsm8k", subset="main", split="test"))

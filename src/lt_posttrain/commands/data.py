@@ -157,6 +157,8 @@ def first_samples(data: InstructDataModule, num: int) -> Iterator[tuple[list[dic
             messages = source_format.messages(row, index)
             where = f"data source {source.name_or_path!r}, row {index}"
             for sample in conversation_samples(messages, render, data.tokenizer, data.max_length, where):
+                if data.overlong == "drop" and sample["truncated"]:
+                    continue
                 yield messages, sample
                 num -= 1
                 if num == 0:
@@ -190,6 +192,10 @@ def data_report(data: InstructDataModule) -> dict:
         },
         "validation": None,
     }
+    if data.mixture:
+        report["train"]["mixture"] = [
+            {"source": name, "available": available, "drawn": drawn} for name, available, drawn in data.mixture
+        ]
     if data.val_samples is not None:
         val_rows = rows_of(data.val_sources) if data.val_sources else None  # else held out from the training rows
         report["validation"] = stats(data.val_samples, data.val_rows, val_rows)
@@ -222,6 +228,8 @@ def format_report(report: dict) -> str:
         "rows: source rows read; held out: samples set aside for validation (data.val_fraction); dropped: rows with no",
         "assistant token to learn from; truncated: samples cut to max_length; p50..max: tokens per sample.",
     ]  # fmt: skip
+    for part in report["train"].get("mixture", []):
+        lines.append(f"train mix: {part['drawn']} samples from {part['source']} ({part['available']} available).")
     reasons = report["train"].get("dropped_reasons")
     if reasons:
         lines.append("train rows dropped: " + ", ".join(f"{n} ({reason})" for reason, n in reasons.items()) + ".")

@@ -1,8 +1,9 @@
 """``InstructDataModule``: instruct sources in, planned micro-batches out."""
 
+from collections import Counter
 from functools import partial
 from pathlib import Path
-from typing import Optional, Union
+from typing import Literal, Optional, Union
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
@@ -11,6 +12,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lt_posttrain.data.dataset import MicroBatchDataset, describe_dropped, load_samples
 from lt_posttrain.data.formats import load_format
+from lt_posttrain.data.mixing import mixture_indices
 from lt_posttrain.data.packing import pack_best_fit
 from lt_posttrain.data.plan import PlanSampler
 from lt_posttrain.data.prompts import collate_prompts, prompt_of
@@ -26,7 +28,8 @@ class InstructDataModule(L.LightningDataModule):
         sources: training data; each entry a hub id or local path, or a mapping with ``name_or_path``, ``split``,
             ``sample_count``, ``shuffle``, ``seed`` and ``type`` (how a row becomes a conversation: ``messages``, a
             column of ``{role, content}`` turns, by default; ``huggingface_instruct``, ``prompt_generation``,
-            ``ragfit`` or a plugin) with that type's keys (see ``lt_posttrain.Source``).
+            ``ragfit`` or a plugin) with that type's keys, and ``weight`` to mix sources by sampling (see
+            ``lt_posttrain.Source``).
         val_sources: validation data, same shape as ``sources``.
         val_fraction: without ``val_sources``, hold out this fraction of the training conversations.
         test_sources: data for ``lt-posttrain test`` and ``predict`` (default: the validation data).
@@ -34,9 +37,11 @@ class InstructDataModule(L.LightningDataModule):
         batch_size: samples per micro-batch (rows per micro-batch with ``packing``).
         packing: pack samples best-fit into rows of ``max_length`` tokens, each attending only to itself.
         shuffle: reshuffle the training order every epoch.
-        seed: seed of the shuffling and of the validation hold-out.
+        seed: seed of the shuffling, of the validation hold-out and of the weighted mix.
         chat_template: a Jinja chat template (text, or a path to a ``.jinja`` file) to use instead of the tokenizer's.
         num_workers: data-loader worker processes.
+        overlong: what happens to a sample longer than ``max_length``: ``truncate`` (cut, counted) or ``drop``.
+        num_proc: processes that tokenize in parallel (the result is cached on disk either way).
     """
 
     def __init__(
@@ -52,6 +57,8 @@ class InstructDataModule(L.LightningDataModule):
         seed: int = 42,
         chat_template: Optional[str] = None,
         num_workers: int = 0,
+        overlong: Literal["truncate", "drop"] = "truncate",
+        num_proc: Optional[int] = None,
     ):
         super().__init__()
         if not sources:
@@ -64,10 +71,12 @@ class InstructDataModule(L.LightningDataModule):
         self.val_fraction = val_fraction
         self.max_length, self.batch_size, self.packing = max_length, batch_size, packing
         self.shuffle, self.seed, self.num_workers = shuffle, seed, num_workers
+        self.overlong, self.num_proc = overlong, num_proc
         self.chat_template = _read_template(chat_template)
         self.tokenizer = None
         self.train_samples = self.val_samples = self.test_samples = None
         self.dropped: dict = {}
+        self.mixture: Optional[list[tuple[str, int, int]]] = None  # (source, samples it has, samples drawn)
 
     def connect(self, tokenizer) -> None:
         """Give the data module the model's tokenizer (the CLI does this; ``setup`` falls back to the model's)."""
@@ -78,7 +87,9 @@ class InstructDataModule(L.LightningDataModule):
             self.tokenizer = self.trainer.lightning_module.tokenizer
         if self.train_samples is not None or stage == "predict":
             return
-        load = lambda sources: load_samples(sources, self.tokenizer, self.max_length, self.chat_template)  # noqa: E731
+        load = lambda sources: load_samples(  # noqa: E731
+            sources, self.tokenizer, self.max_length, self.chat_template, self.overlong, self.num_proc
+        )
         samples, self.dropped = load(self.sources)
         if self.val_sources:
             self.train_samples, self.val_samples = samples, load(self.val_sources)[0]
@@ -87,6 +98,9 @@ class InstructDataModule(L.LightningDataModule):
             self.train_samples, self.val_samples = split["train"], split["test"]
         else:
             self.train_samples = samples
+        self.mixture = None
+        if any(source.weight is not None for source in self.sources) and len(self.train_samples):
+            self.train_samples = self._mix(self.train_samples)
         if len(self.train_samples) == 0:
             raise UserError(
                 f"no training sample has an assistant turn to learn from: {describe_dropped(self.dropped)}; check "
@@ -98,6 +112,18 @@ class InstructDataModule(L.LightningDataModule):
         self.test_rows = self._rows(self.test_samples) if self.test_samples is not None else None
         self._report()
 
+    def _mix(self, samples):
+        """The training samples drawn from each source in proportion to its ``weight`` (after the validation
+        hold-out, so no repeated sample is both trained on and validated on)."""
+        groups: list[list[int]] = [[] for _ in self.sources]
+        of_source = samples["source"]
+        for index, number in enumerate(of_source):
+            groups[number].append(index)
+        indices = mixture_indices(groups, [source.weight for source in self.sources], self.seed)
+        drawn = Counter(of_source[index] for index in indices)
+        self.mixture = [(source.name_or_path, len(groups[n]), drawn[n]) for n, source in enumerate(self.sources)]
+        return samples.select(indices)
+
     def _report(self) -> None:
         truncated = sum(1 for count in self.train_samples["truncated"] if count)
         loss_tokens = sum(self.train_samples["loss_count"])
@@ -106,6 +132,9 @@ class InstructDataModule(L.LightningDataModule):
             f"{self.max_length} tokens; {len(self.val_samples) if self.val_samples is not None else 0} validation "
             f"samples; {describe_dropped(self.dropped)}"
         )
+        for name, available, drawn in self.mixture or []:
+            how = "repeated" if drawn > available else "subsampled" if drawn < available else "all"
+            rank_zero_info(f"data mix: {drawn} samples from {name!r} ({available} available, {how})")
 
     def _rows(self, samples) -> list[list[int]]:
         if not self.packing:

@@ -18,6 +18,7 @@ FORMAT_VERSION = "4"  # bump when tokenization changes, so cached results are no
 
 NO_ASSISTANT_TURN = "no assistant turn"
 NO_LOSS_TOKEN = "no answer token within max_length"
+LONGER_THAN_MAX = "longer than max_length (data.overlong: drop)"
 _COLUMNS = ("input_ids", "labels", "truncated", "length", "loss_count")
 _EMPTY = {"input_ids": [], "labels": [], "truncated": 0}  # stands in for a dropped row until it is counted
 
@@ -35,14 +36,17 @@ def conversation_samples(messages: list[dict], render, tokenizer, max_length: in
     return [sample for sample in samples if count_loss_tokens(sample["labels"])]
 
 
-def tokenize_rows(rows, source: Source, tokenizer, max_length: int, chat_template: str | None):
+def tokenize_rows(
+    rows, source: Source, tokenizer, max_length: int, chat_template: str | None, overlong="truncate", num_proc=None
+):
     """Stages 2 and 3 over a table of rows: each row becomes a conversation with the source's format (its ``type``)
     and is rendered with the format's renderer, else the chat template.
 
     Returns ``(samples, dropped)``: ``samples`` a ``datasets.Dataset`` of ``input_ids``, ``labels``, ``truncated``,
     ``length``, ``loss_count`` (and ``weight`` when the rows have a ``weight`` column: it scales the sample's token
     losses, never the normaliser); ``dropped`` the rows left out, by reason (no assistant turn, or no answer token
-    within ``max_length``). Cached with the rows'.
+    within ``max_length``, or longer than ``max_length`` with ``overlong="drop"``). Cached with the rows', so a second
+    run with the same rows and options does no work; ``num_proc`` processes tokenize in parallel.
     """
     source_format = load_format(source)
     render = source_format.resolved_renderer(tokenizer, chat_template)
@@ -66,16 +70,18 @@ def tokenize_rows(rows, source: Source, tokenizer, max_length: int, chat_templat
             weight = float(row["weight"]) if weighted else 1.0
             messages = source_format.messages(row, index)
             samples = conversation_samples(messages, render, tokenizer, max_length, f"{where}, row {index}")
-            for sample in samples:
+            kept = [sample for sample in samples if overlong == "truncate" or not sample["truncated"]]
+            for sample in kept:
                 add(sample, count_loss_tokens(sample["labels"]), weight)
-            if not samples:
+            if not kept:
                 has_turn = any(message["role"] in TRAINED_ROLES for message in messages)
-                add(_EMPTY, 0, weight, NO_LOSS_TOKEN if has_turn else NO_ASSISTANT_TURN)
+                reason = LONGER_THAN_MAX if samples else NO_LOSS_TOKEN if has_turn else NO_ASSISTANT_TURN
+                add(_EMPTY, 0, weight, reason)
         return out
 
     template = chat_template or tokenizer.chat_template or ""
     identity = (
-        f"{FORMAT_VERSION}|{rows._fingerprint}|{tokenizer.name_or_path}|{len(tokenizer)}|{template}|{max_length}|"
+        f"{FORMAT_VERSION}|{rows._fingerprint}|{tokenizer.name_or_path}|{len(tokenizer)}|{template}|{max_length}|{overlong}|"
         f"{source_format.identity()}"
     )
     converted = rows.map(
@@ -85,6 +91,7 @@ def tokenize_rows(rows, source: Source, tokenizer, max_length: int, chat_templat
         remove_columns=rows.column_names,
         features=_features(weighted),
         new_fingerprint=hashlib.sha256(identity.encode()).hexdigest()[:32],
+        num_proc=num_proc if num_proc and num_proc > 1 and len(rows) >= 2 * num_proc else None,
         desc=f"Tokenizing {source.name_or_path}",
     )
     reasons = converted["dropped"]
@@ -104,15 +111,17 @@ def _features(weighted: bool):
     return datasets.Features({**features, "dropped": datasets.Value("string")})
 
 
-def load_samples(sources: list[Source], tokenizer, max_length: int, chat_template: str | None, rows_of=load_rows):
-    """All sources tokenized and concatenated: ``(samples, dropped)``, a ``datasets.Dataset`` and the rows left
-    out, counted by ``(source name, reason)``."""
+def load_samples(
+    sources: list[Source], tokenizer, max_length: int, chat_template: str | None, overlong="truncate", num_proc=None
+):
+    """All sources tokenized and concatenated: ``(samples, dropped)``, a ``datasets.Dataset`` (with a ``source``
+    column, the index of each sample's source) and the rows left out, counted by ``(source name, reason)``."""
     import datasets
 
     parts, dropped = [], Counter()
-    for source in sources:
-        samples, reasons = tokenize_rows(rows_of(source), source, tokenizer, max_length, chat_template)
-        parts.append(samples)
+    for number, source in enumerate(sources):
+        samples, reasons = tokenize_rows(load_rows(source), source, tokenizer, max_length, chat_template, overlong, num_proc)
+        parts.append(samples.add_column("source", [number] * len(samples)))
         dropped.update({(source.name_or_path, reason): count for reason, count in reasons.items()})
     if any("weight" in part.column_names for part in parts):  # unweighted sources weigh 1
         parts = [

@@ -1,6 +1,7 @@
 """Stage 1: a data source (hub id, local file or folder) becomes a table of rows."""
 
 import difflib
+import json
 import os
 import re
 from dataclasses import dataclass, field, fields
@@ -21,6 +22,8 @@ class Source:
         name_or_path: a hub dataset id (``HuggingFaceH4/ultrachat_200k``), a local ``.json``/``.jsonl``/``.parquet``
             /``.arrow``/``.csv`` file, or a folder of such files.
         split: the split to read (hub datasets; local files have one split, ``train``).
+        subset: the hub dataset's subset (configuration name), for data sets that have several, such as ``main`` of
+            ``openai/gsm8k``.
         sample_count: keep only the first N rows (after shuffling, if ``shuffle``).
         shuffle: shuffle the rows (with ``seed``) before ``sample_count`` is applied.
         seed: seed of that shuffle.
@@ -29,7 +32,9 @@ class Source:
             (``{"prompt", "generation"}`` rows, rendered as plain text), ``ragfit`` (RAG-FiT's query/answer rows), the
             name of a plugin registered under the ``lt_posttrain.data_sources`` entry-point group, or a dotted import
             path ``my_package.formats.MyFormat``.
-        weight: this source's share when sources are mixed (carried for the mixer; it does not change a sample).
+        weight: this source's share of the training mix. When any training source has a weight, each epoch draws
+            from every source in proportion to its weight (a source without one weighs 1), as many samples as all
+            sources hold together: a down-weighted source is subsampled, an up-weighted one repeated.
         messages_column: ``messages``: the column holding the list of turns.
         role_mapping: ``huggingface_instruct``: role to where its text is, e.g. ``{user: question, assistant:
             answer}`` (a string column per role) or ``{user: conversations.from.human, assistant:
@@ -52,6 +57,7 @@ class Source:
 
     name_or_path: str
     split: str = "train"
+    subset: Optional[str] = None
     sample_count: Optional[int] = None
     shuffle: bool = False
     seed: int = 0
@@ -107,18 +113,25 @@ def load_rows(source: Source):
     path = Path(source.name_or_path).expanduser()
     if path.exists():
         builder, files = _local_format(path)
+        empty = [file for file in files if os.path.getsize(file) == 0]
+        if empty:
+            raise UserError(f"data source {str(path)!r}: {empty[0]} is empty (give a file with rows)")
         try:
             rows = datasets.load_dataset(builder, data_files=files, split="train")
-        except Exception as error:  # malformed JSON and friends: name the file, not the parser internals
-            raise UserError(f"data source {str(path)!r}: cannot read it ({_first_line(error)})") from error
+        except Exception as error:  # malformed JSON and friends: name the file and line, not the parser internals
+            problem = _json_problem(files) if builder == "json" else None
+            raise UserError(f"data source {str(path)!r}: {problem or f'cannot read it ({_first_line(error)})'}") from error
+        if len(rows) == 0:
+            raise UserError(f"data source {str(path)!r}: no rows (give a file with rows)")
     elif path.suffix in LOCAL_FORMATS or os.sep in source.name_or_path and not _HUB_ID.match(source.name_or_path):
         raise UserError(f"data source {source.name_or_path!r}: no such file or folder")
     else:
         try:
-            rows = datasets.load_dataset(source.name_or_path, split=source.split)
+            rows = datasets.load_dataset(source.name_or_path, source.subset, split=source.split)
         except Exception as error:
+            subset = f", subset {source.subset!r}" if source.subset else ""
             raise UserError(
-                f"data source {source.name_or_path!r} (split {source.split!r}): not a local path and cannot be "
+                f"data source {source.name_or_path!r} (split {source.split!r}{subset}): not a local path and cannot be "
                 f"loaded from the hub ({_first_line(error)})"
             ) from error
     if source.shuffle:
@@ -126,6 +139,26 @@ def load_rows(source: Source):
     if source.sample_count is not None:
         rows = rows.select(range(min(source.sample_count, len(rows))))
     return rows
+
+
+def _json_problem(files: list[str]) -> Optional[str]:
+    """``FILE, line N: malformed JSON (why)`` for the first broken line of JSON (or JSON Lines) files, if any."""
+    for file in files:
+        with open(file, encoding="utf-8", errors="replace") as handle:
+            text = handle.read()
+        try:
+            json.loads(text)
+            continue
+        except json.JSONDecodeError as error:
+            if not (error.msg == "Extra data" or file.endswith(".jsonl")):  # a JSON document, not JSON Lines
+                return f"{file}, line {error.lineno}: malformed JSON ({error.msg}); fix or remove that line"
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as error:
+                    return f"{file}, line {number}: malformed JSON ({error.msg}); fix or remove that line"
+    return None
 
 
 def _first_line(error: Exception) -> str:

@@ -27,6 +27,7 @@ KNOWN_DATASETS = {
     "Open-Orca/SlimOrca": (SHAREGPT_WITH_SYSTEM, "value"),
     "teknium/OpenHermes-2.5": (SHAREGPT_WITH_SYSTEM, "value"),
     "Open-Orca/OpenOrca": ({"system": "system_prompt", "user": "question", "assistant": "response"}, "content"),
+    "openai/gsm8k": ({"user": "question", "assistant": "answer"}, "content"),
     "meta-math/MetaMathQA": ({"user": "query", "assistant": "response"}, "content"),
     "ise-uiuc/Magicoder-OSS-Instruct-75K": ({"user": "problem", "assistant": "solution"}, "content"),
 }

@@ -191,3 +191,47 @@ def test_unreachable_hub_source_is_one_line(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match=r"^data source 'openai/gsm8k' \(split 'test', subset 'main'\): not a local path"):
         load_rows(Source(name_or_path="openai/gsm8k", subset="main", split="test"))
+
+
+def test_parquet_arrow_and_a_folder_hold_the_same_rows(tmp_path):
+    import datasets
+
+    from conftest import GSM8K
+
+    rows = datasets.load_dataset("json", data_files=str(GSM8K), split="train").select(range(12))
+    rows.to_parquet(str(tmp_path / "gsm8k.parquet"))
+    (tmp_path / "shards").mkdir()
+    rows.select(range(6)).to_json(str(tmp_path / "shards" / "a.jsonl"))
+    rows.select(range(6, 12)).to_json(str(tmp_path / "shards" / "b.jsonl"))
+    rows.save_to_disk(str(tmp_path / "saved"))
+    arrow = next((tmp_path / "saved").glob("*.arrow"))
+    for path in (tmp_path / "gsm8k.parquet", tmp_path / "shards", arrow):
+        loaded = load_rows(Source(name_or_path=str(path)))
+        assert loaded["question"] == rows["question"], path
+
+
+def test_sample_count_after_a_seeded_shuffle():
+    from conftest import GSM8K
+
+    first = load_rows(Source(name_or_path=str(GSM8K), sample_count=5))
+    assert len(first) == 5
+    shuffled = load_rows(Source(name_or_path=str(GSM8K), sample_count=5, shuffle=True, seed=1))
+    again = load_rows(Source(name_or_path=str(GSM8K), sample_count=5, shuffle=True, seed=1))
+    other = load_rows(Source(name_or_path=str(GSM8K), sample_count=5, shuffle=True, seed=2))
+    assert shuffled["question"] == again["question"] != first["question"]
+    assert shuffled["question"] != other["question"]
+
+
+def test_a_folder_of_mixed_formats_is_one_line(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [{"messages": []}])
+    (tmp_path / "b.csv").write_text("x\n1\n")
+    with pytest.raises(UserError, match=r"a folder must hold files of one format \(found: csv, json\)"):
+        load_rows(Source(name_or_path=str(tmp_path)))
+
+
+def test_every_row_dropped_is_an_error(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "questions.jsonl", [{"messages": [{"role": "user", "content": "Why?"}]}] * 3)
+    data = InstructDataModule(sources=[str(path)])
+    data.connect(tokenizer)
+    with pytest.raises(UserError, match=r"no training sample has an assistant turn.*3 rows dropped"):
+        data.setup("fit")

@@ -9,6 +9,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lt_posttrain.callbacks.hf_export import HFCheckpoint
 from lt_posttrain.callbacks.predictions import PredictionWriter
+from lt_posttrain.callbacks.throughput import ThroughputMeter
 from lt_posttrain.cli_errors import ConfigError, explain_parser_error, find_user_error
 from lt_posttrain.data.datamodule import InstructDataModule
 from lt_posttrain.trainers.sft import SFTModule
@@ -17,8 +18,8 @@ TRAINER_DEFAULTS = {"max_epochs": 1}
 
 
 class PostTrainCLI(LightningCLI):
-    """``LightningCLI`` with ``checkpoint`` (:class:`HFCheckpoint`) and ``predictions`` (:class:`PredictionWriter`)
-    sections, and the model's tokenizer handed to the data module."""
+    """``LightningCLI`` with ``checkpoint`` (:class:`HFCheckpoint`), ``predictions`` (:class:`PredictionWriter`) and
+    ``throughput`` (:class:`ThroughputMeter`) sections, and the model's tokenizer handed to the data module."""
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         """Parse as Lightning does, but turn the parser's usage-and-error output into one :class:`ConfigError`."""
@@ -37,6 +38,7 @@ class PostTrainCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(HFCheckpoint, "checkpoint")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
+        parser.add_lightning_class_args(ThroughputMeter, "throughput")
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()

@@ -41,6 +41,7 @@ def prepare(
     trainer: Section = None,
     checkpoint: Section = None,
     predictions: Section = None,
+    throughput: Section = None,
     seed_everything: Union[bool, int] = True,
     optimizer: Union[dict, str, None] = None,
     lr_scheduler: Union[dict, str, None] = None,
@@ -61,6 +62,7 @@ def prepare(
         trainer: accepted so that a ``fit`` recipe can be given unchanged; not used.
         checkpoint: not used (a ``fit`` recipe section).
         predictions: not used (a ``fit`` recipe section).
+        throughput: not used (a ``fit`` recipe section).
         seed_everything: not used (a ``fit`` recipe key).
         optimizer: not used (a ``fit`` recipe key).
         lr_scheduler: not used (a ``fit`` recipe key).
@@ -81,6 +83,7 @@ def preview(
     trainer: Section = None,
     checkpoint: Section = None,
     predictions: Section = None,
+    throughput: Section = None,
     seed_everything: Union[bool, int] = True,
     optimizer: Union[dict, str, None] = None,
     lr_scheduler: Union[dict, str, None] = None,
@@ -101,6 +104,7 @@ def preview(
         trainer: accepted so that a ``fit`` recipe can be given unchanged; not used.
         checkpoint: not used (a ``fit`` recipe section).
         predictions: not used (a ``fit`` recipe section).
+        throughput: not used (a ``fit`` recipe section).
         seed_everything: not used (a ``fit`` recipe key).
         optimizer: not used (a ``fit`` recipe key).
         lr_scheduler: not used (a ``fit`` recipe key).

@@ -87,12 +87,9 @@ class InstructDataModule(L.LightningDataModule):
             self.tokenizer = self.trainer.lightning_module.tokenizer
         if self.train_samples is not None or stage == "predict":
             return
-        load = lambda sources: load_samples(  # noqa: E731
-            sources, self.tokenizer, self.max_length, self.chat_template, self.overlong, self.num_proc
-        )
-        samples, self.dropped = load(self.sources)
+        samples, self.dropped = self.tokenize(self.sources)
         if self.val_sources:
-            self.train_samples, self.val_samples = samples, load(self.val_sources)[0]
+            self.train_samples, self.val_samples = samples, self.tokenize(self.val_sources)[0]
         elif self.val_fraction > 0:
             split = samples.train_test_split(test_size=self.val_fraction, seed=self.seed)
             self.train_samples, self.val_samples = split["train"], split["test"]
@@ -106,17 +103,28 @@ class InstructDataModule(L.LightningDataModule):
                 f"no training sample has an assistant turn to learn from: {describe_dropped(self.dropped)}; check "
                 "data.sources (type, role_mapping, columns) and data.max_length"
             )
-        self.test_samples = load(self.test_sources)[0] if self.test_sources else self.val_samples
+        self.test_samples = self.tokenize(self.test_sources)[0] if self.test_sources else self.val_samples
         self.train_rows = self._rows(self.train_samples)
         self.val_rows = self._rows(self.val_samples) if self.val_samples is not None else None
         self.test_rows = self._rows(self.test_samples) if self.test_samples is not None else None
         self._report()
 
+    def tokenize(self, sources: list[Source]):
+        """Stages 1 to 3 for ``sources``: ``(samples, dropped)`` as :func:`~lt_posttrain.data.dataset.load_samples`
+        returns them, one row per training unit with its ``length``, ``truncated`` and ``loss_count`` (what the
+        step's loss is divided by). A subclass that trains on other units (pairs of answers) overrides this and
+        :meth:`batch_dataset`."""
+        return load_samples(sources, self.tokenizer, self.max_length, self.chat_template, self.overlong, self.num_proc)
+
+    def batch_dataset(self, samples) -> MicroBatchDataset:
+        """What the data loader indexes with each planned :class:`~lt_posttrain.data.plan.MicroBatch`: its tensors."""
+        return MicroBatchDataset(samples, self.packing, self.tokenizer.pad_token_id)
+
     def _mix(self, samples):
         """The training samples drawn from each source in proportion to its ``weight`` (after the validation
         hold-out, so no repeated sample is both trained on and validated on)."""
         groups: list[list[int]] = [[] for _ in self.sources]
-        of_source = samples["source"]
+        of_source = samples["source"][:]  # [:]: one read of the column, not one per item
         for index, number in enumerate(of_source):
             groups[number].append(index)
         indices = mixture_indices(groups, [source.weight for source in self.sources], self.seed)
@@ -125,8 +133,8 @@ class InstructDataModule(L.LightningDataModule):
         return samples.select(indices)
 
     def _report(self) -> None:
-        truncated = sum(1 for count in self.train_samples["truncated"] if count)
-        loss_tokens = sum(self.train_samples["loss_count"])
+        truncated = sum(1 for count in self.train_samples["truncated"][:] if count)
+        loss_tokens = sum(self.train_samples["loss_count"][:])
         rank_zero_info(
             f"data: {len(self.train_samples)} training samples, {loss_tokens} loss tokens, {truncated} cut to "
             f"{self.max_length} tokens; {len(self.val_samples) if self.val_samples is not None else 0} validation "
@@ -139,13 +147,13 @@ class InstructDataModule(L.LightningDataModule):
     def _rows(self, samples) -> list[list[int]]:
         if not self.packing:
             return [[index] for index in range(len(samples))]
-        return pack_best_fit(samples["length"], self.max_length)
+        return pack_best_fit(samples["length"][:], self.max_length)
 
     def _loader(self, samples, rows, train: bool) -> StatefulDataLoader:
         trainer = self.trainer
         sampler = PlanSampler(
             rows=rows,
-            loss_counts=samples["loss_count"],
+            loss_counts=samples["loss_count"][:],
             batch_size=self.batch_size,
             accumulate=trainer.accumulate_grad_batches if train and trainer else 1,
             rank=trainer.global_rank if trainer else 0,
@@ -154,8 +162,7 @@ class InstructDataModule(L.LightningDataModule):
             seed=self.seed,
             even=train,
         )
-        dataset = MicroBatchDataset(samples, self.packing, self.tokenizer.pad_token_id)
-        return StatefulDataLoader(dataset, sampler=sampler, batch_size=None, num_workers=self.num_workers)
+        return StatefulDataLoader(self.batch_dataset(samples), sampler=sampler, batch_size=None, num_workers=self.num_workers)
 
     def train_dataloader(self):
         return self._loader(self.train_samples, self.train_rows, train=True)

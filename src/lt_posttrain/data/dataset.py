@@ -2,6 +2,7 @@
 
 import hashlib
 from collections import Counter
+from itertools import islice
 
 import torch
 
@@ -11,7 +12,7 @@ from lt_posttrain.data.collate import collate_packed, collate_padded
 from lt_posttrain.data.formats import RenderError, load_format
 from lt_posttrain.data.plan import MicroBatch
 from lt_posttrain.data.sources import Source, load_rows
-from lt_posttrain.data.tokenize import TRAINED_ROLES, count_loss_tokens, render_conversation, tokenize_rendered
+from lt_posttrain.data.tokenize import TRAINED_ROLES, count_loss_tokens, render_conversation, tokenize_rendered_batch
 from lt_posttrain.errors import UserError
 
 FORMAT_VERSION = "4"  # bump when tokenization changes, so cached results are not reused
@@ -23,16 +24,21 @@ _COLUMNS = ("input_ids", "labels", "truncated", "length", "loss_count")
 _EMPTY = {"input_ids": [], "labels": [], "truncated": 0}  # stands in for a dropped row until it is counted
 
 
-def conversation_samples(messages: list[dict], render, tokenizer, max_length: int, where: str) -> list[dict]:
-    """Stage 3 for one conversation: its samples that carry loss (none without an assistant turn). ``where`` names
-    the source and row in errors."""
+def rendered_parts(messages: list[dict], render, where: str) -> list:
+    """Stage 3a for one conversation: its rendered parts with loss spans (none without an assistant turn).
+    ``where`` names the source and row in errors."""
     if not any(message["role"] in TRAINED_ROLES for message in messages):
         return []
     try:
-        parts = render_conversation(messages, render)
+        return render_conversation(messages, render)
     except RenderError as error:
         raise UserError(f"{where}: {error}") from error
-    samples = [tokenize_rendered(part, tokenizer, max_length) for part in parts]
+
+
+def conversation_samples(messages: list[dict], render, tokenizer, max_length: int, where: str) -> list[dict]:
+    """Stage 3 for one conversation: its samples that carry loss (none without an assistant turn). ``where`` names
+    the source and row in errors."""
+    samples = tokenize_rendered_batch(rendered_parts(messages, render, where), tokenizer, max_length)
     return [sample for sample in samples if count_loss_tokens(sample["labels"])]
 
 
@@ -65,11 +71,16 @@ def tokenize_rows(
             if weighted:
                 out["weight"].append(weight)
 
+        conversations, parts = [], []  # render every row of the batch, then tokenize them in one call
         for offset, index in enumerate(indices):
             row = {column: values[offset] for column, values in batch.items()}
-            weight = float(row["weight"]) if weighted else 1.0
             messages = source_format.messages(row, index)
-            samples = conversation_samples(messages, render, tokenizer, max_length, f"{where}, row {index}")
+            rendered = rendered_parts(messages, render, f"{where}, row {index}")
+            conversations.append((messages, float(row["weight"]) if weighted else 1.0, len(rendered)))
+            parts += rendered
+        tokenized = iter(tokenize_rendered_batch(parts, tokenizer, max_length))
+        for messages, weight, count in conversations:
+            samples = [sample for sample in islice(tokenized, count) if count_loss_tokens(sample["labels"])]
             kept = [sample for sample in samples if overlong == "truncate" or not sample["truncated"]]
             for sample in kept:
                 add(sample, count_loss_tokens(sample["labels"]), weight)
@@ -112,15 +123,23 @@ def _features(weighted: bool):
 
 
 def load_samples(
-    sources: list[Source], tokenizer, max_length: int, chat_template: str | None, overlong="truncate", num_proc=None
+    sources: list[Source],
+    tokenizer,
+    max_length: int,
+    chat_template: str | None,
+    overlong="truncate",
+    num_proc=None,
+    tokenize=None,
 ):
     """All sources tokenized and concatenated: ``(samples, dropped)``, a ``datasets.Dataset`` (with a ``source``
-    column, the index of each sample's source) and the rows left out, counted by ``(source name, reason)``."""
+    column, the index of each sample's source) and the rows left out, counted by ``(source name, reason)``.
+    ``tokenize`` replaces :func:`tokenize_rows` (same arguments and result), for samples of another shape."""
     import datasets
 
+    tokenize = tokenize or tokenize_rows
     parts, dropped = [], Counter()
     for number, source in enumerate(sources):
-        samples, reasons = tokenize_rows(load_rows(source), source, tokenizer, max_length, chat_template, overlong, num_proc)
+        samples, reasons = tokenize(load_rows(source), source, tokenizer, max_length, chat_template, overlong, num_proc)
         parts.append(samples.add_column("source", [number] * len(samples)))
         dropped.update({(source.name_or_path, reason): count for reason, count in reasons.items()})
     if any("weight" in part.column_names for part in parts):  # unweighted sources weigh 1

@@ -30,11 +30,11 @@ def sample_stats(samples, rows: Optional[int] = None, held_out: int = 0, dropped
     """
     columns = samples.column_names if hasattr(samples, "column_names") else list(samples)
     if "length" in columns:
-        lengths = [int(length) for length in samples["length"]]
+        lengths = [int(length) for length in samples["length"][:]]
     else:
-        lengths = [len(ids) for ids in samples["input_ids"]]
-    loss_counts = [int(count) for count in samples["loss_count"]]
-    truncated = [int(count) for count in samples["truncated"]]
+        lengths = [len(ids) for ids in samples["input_ids"][:]]
+    loss_counts = [int(count) for count in samples["loss_count"][:]]
+    truncated = [int(count) for count in samples["truncated"][:]]
     tokens, loss_tokens = sum(lengths), sum(loss_counts)
     ordered = sorted(lengths)
     return {

@@ -1,0 +1,176 @@
+"""Training speed on a GPU: our `fit` beside TRL's SFTTrainer and a plain PyTorch loop, in one process tree.
+
+    python bench/speed.py suite --anchors DIR --out RESULTS.jsonl [--shapes llama-3.2-1b smollm2-1.7b] [--quick]
+    python bench/speed.py ours --shape llama-3.2-1b --liger 1 --gc 1 [--seq 4096 --micro-batch 4 --steps 30]
+    python bench/speed.py table RESULTS.jsonl            # the markdown table for BENCHMARKS.md
+
+`suite` runs every configuration as its own process (fresh GPU memory each), ours through the public API
+(`lt_posttrain.run`) exactly as a recipe would, and TRL (`anchor_trl.py`) and the plain loop (`ceiling_probe.py`)
+from DIR, which also holds `data/gsm8k_train.jsonl` and `assets/smollm2-tokenizer` next to them (`DIR/../data`).
+Data: GSM8K-train as chats, SmolLM2 tokenizer, random weights of the real shape, bf16 weights and AdamW states
+(fused), sequence 4096, micro-batch 4 rows; tokens/s counts non-padding tokens after 5 warm-up steps.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+MEASURED_MATMUL_TFLOPS = 800  # a bf16 8192^3 matmul on the H100 used here: the ceiling MFU is measured against
+
+
+def gsm8k_chats(anchors: Path, out: Path) -> Path:
+    with open(anchors.parent / "data" / "gsm8k_train.jsonl") as rows, open(out, "w") as chats:
+        for line in rows:
+            row = json.loads(line)
+            turns = [{"role": "user", "content": row["question"]}, {"role": "assistant", "content": row["answer"]}]
+            chats.write(json.dumps({"messages": turns}) + "\n")
+    return out
+
+
+def ours(args) -> dict:
+    """One fit through the public API; returns the throughput meter's summary and the losses."""
+    import torch
+
+    from lt_posttrain import run
+    from lt_posttrain.callbacks.throughput import ThroughputMeter
+    from random_model import main as save_random_model
+
+    anchors = Path(args.anchors)
+    work = Path(tempfile.mkdtemp(prefix="lt-bench-"))
+    model_dir = work / args.shape
+    save_random_model(args.shape, str(anchors.parent / "assets" / "smollm2-tokenizer"), str(model_dir))
+    chats = gsm8k_chats(anchors, work / "gsm8k_chats.jsonl")
+    model = {"name_or_path": str(model_dir), "dtype": "bfloat16", "learning_rate": 1e-5, "warmup": 2,
+             "gradient_checkpointing": bool(args.gc), "attn_implementation": args.attention}  # fmt: skip
+    if args.liger:
+        model["liger"] = True
+    recipe = {
+        "seed_everything": 0,
+        "model": model,
+        "data": {"sources": [str(chats)], "max_length": args.seq, "batch_size": args.micro_batch, "packing": True,
+                 "num_workers": 2, "num_proc": 8},
+        "trainer": {"accelerator": args.accelerator, "devices": 1, "precision": "bf16-true", "max_steps": args.steps,
+                    "gradient_clip_val": 1.0, "logger": False, "enable_progress_bar": False,
+                    "enable_checkpointing": False, "log_every_n_steps": 5, "default_root_dir": str(work)},
+        "checkpoint": {"save_end_of_training": False},
+        "throughput": {"warmup_steps": 5, "peak_tflops": MEASURED_MATMUL_TFLOPS},
+    }  # fmt: skip
+    start = time.perf_counter()
+    cli = run(recipe, "fit")
+    [meter] = [callback for callback in cli.trainer.callbacks if isinstance(callback, ThroughputMeter)]
+    summary = meter.summary
+    return {"system": "lt-posttrain", "arch": args.shape, "liger": bool(args.liger), "grad_ckpt": bool(args.gc),
+            "attention": args.attention, "seq": args.seq, "micro_batch": args.micro_batch, "steps": args.steps,
+            "tokens_per_s": round(summary["tokens_per_s"]), "tflops": round(summary["tflops"], 1),
+            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
+            "final_loss": round(float(cli.trainer.logged_metrics["train/loss"]), 3),
+            "wall_s": round(time.perf_counter() - start, 1)}  # fmt: skip
+
+
+def _run(command: list[str], out: Path, timeout: int) -> None:
+    """Run one configuration; append the JSON line it prints (``RESULT {...}`` or a bare JSON object) to ``out``."""
+    print("$", " ".join(command), flush=True)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        result = {"command": " ".join(command), "error": f"timed out after {timeout} s"}
+    else:
+        lines = [line.removeprefix("RESULT ") for line in done.stdout.splitlines()]
+        found = [line for line in lines if line.startswith("{") and "tokens_per_s" in line]
+        result = json.loads(found[-1]) if found else {"error": done.stderr.strip().splitlines()[-1:]}
+        result["command"] = " ".join(command)
+    print(json.dumps(result), flush=True)
+    with open(out, "a") as handle:
+        handle.write(json.dumps(result) + "\n")
+
+
+def suite(args) -> None:
+    anchors, out, python = Path(args.anchors), Path(args.out), sys.executable
+    for shape in args.shapes:
+        common = ["--seq", str(args.seq), "--micro-batch", str(args.micro_batch), "--steps", str(args.steps)]
+        mine = [python, str(HERE / "speed.py"), "ours", "--shape", shape, "--anchors", str(anchors), *common]
+        runs = [mine + ["--liger", "1", "--gc", "1"], mine + ["--liger", "1", "--gc", "0"]]
+        if not args.quick:
+            runs.append(mine + ["--liger", "0", "--gc", "1"])
+        trl = [python, str(anchors / "anchor_trl.py"), shape]
+        runs += [trl + ["1", str(args.seq), str(args.micro_batch), "25", "wrapped"]]
+        if not args.quick:
+            runs += [trl + ["0", str(args.seq), str(args.micro_batch), "25", "wrapped"],
+                     trl + ["0", str(args.seq), str(args.micro_batch), "25", "bfd"]]  # fmt: skip
+        ceiling = [python, str(anchors / "ceiling_probe.py"), shape]
+        runs += [ceiling + ["1", "1", str(args.seq), str(args.micro_batch), "30"]]
+        if not args.quick:
+            runs += [ceiling + ["1", "0", str(args.seq), str(args.micro_batch), "30"]]
+        for command in runs:
+            _run(command, out, args.timeout)
+
+
+def table(path: str) -> str:
+    """Markdown rows of a suite's results: ours first, ratios to TRL contiguous+Liger and to the plain loop with the
+    same gradient checkpointing."""
+    results = [json.loads(line) for line in open(path) if line.strip()]
+    rows = ["| system | shape | attention | Liger | grad. ckpt | tokens/s | model TFLOP/s | MFU (of 800) | peak GiB "
+            "| vs TRL contiguous+Liger | vs plain loop |", "|" + "---|" * 11]  # fmt: skip
+
+    def name(result: dict) -> str:
+        if result.get("system") == "trl":
+            return "TRL 1.16 " + ("contiguous chunks (cross-talk)" if result["strategy"] == "wrapped" else "padding-free")
+        return "plain PyTorch loop" if result.get("probe") == "ceiling" else "lt-posttrain"
+
+    for arch in dict.fromkeys(result.get("arch") for result in results if "error" not in result):
+        mine = [r for r in results if r.get("arch") == arch and "error" not in r]
+        trl_liger = next((r for r in mine if r.get("system") == "trl" and r["liger"] and r["strategy"] == "wrapped"), None)
+        for result in mine:
+            tps, gc = result["tokens_per_s"], result.get("grad_ckpt", True)  # TRL runs with checkpointing
+            tflops = result.get("tflops", result.get("model_tflops"))
+            peak = result.get("peak_mem_gib", result.get("peak_gib"))
+            loop = next((r for r in mine if r.get("probe") == "ceiling" and r["grad_ckpt"] == gc and r["liger"]), None)
+            ratio_trl = f"{tps / trl_liger['tokens_per_s']:.2f}x" if trl_liger else "-"
+            ratio_loop = f"{tps / loop['tokens_per_s']:.2f}x" if loop else "-"
+            attention = "per sample" if result.get("strategy") != "wrapped" else "across samples"
+            rows.append(f"| {name(result)} | {arch} | {attention} | {'yes' if result['liger'] else 'no'} | "
+                        f"{'on' if gc else 'off'} | {tps:,} | {tflops} | {100 * tflops / MEASURED_MATMUL_TFLOPS:.0f}% | "
+                        f"{peak} | {ratio_trl} | {ratio_loop} |")  # fmt: skip
+    failed = [r for r in results if "error" in r]
+    rows += [f"\nFailed: `{r['command']}`: {r['error']}" for r in failed]
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name in ("suite", "ours"):
+        command = commands.add_parser(name)
+        command.add_argument("--anchors", default=str(HERE.parent.parent / "shared" / "bench"))
+        command.add_argument("--seq", type=int, default=4096)
+        command.add_argument("--micro-batch", type=int, default=4)
+        command.add_argument("--steps", type=int, default=30)
+    commands.choices["suite"].add_argument("--out", required=True)
+    commands.choices["suite"].add_argument("--shapes", nargs="+", default=["llama-3.2-1b", "smollm2-1.7b"])
+    commands.choices["suite"].add_argument("--quick", action="store_true", help="only the headline configurations")
+    commands.choices["suite"].add_argument("--timeout", type=int, default=300)
+    commands.choices["ours"].add_argument("--shape", required=True)
+    commands.choices["ours"].add_argument("--liger", type=int, default=1)
+    commands.choices["ours"].add_argument("--gc", type=int, default=1)
+    commands.choices["ours"].add_argument("--attention", default="varlen")
+    commands.choices["ours"].add_argument("--accelerator", default="gpu", help="cpu: a smoke test of this script")
+    commands.add_parser("table").add_argument("results")
+    args = parser.parse_args()
+    if args.command == "suite":
+        suite(args)
+    elif args.command == "ours":
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        print("RESULT " + json.dumps(ours(args)), flush=True)
+    else:
+        print(table(args.results))
+
+
+if __name__ == "__main__":
+    main()

@@ -64,3 +64,21 @@ def test_varlen_kernel_on_gpu_matches_sdpa_per_sample(tiny_model_dir, tokenizer)
         alone = logits_alone(sdpa, samples, "cuda")
     for got, expected in zip(packed, alone):
         torch.testing.assert_close(got.float(), expected.float(), atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("implementation", ["varlen", "sdpa"])
+def test_changing_one_packed_sample_leaves_the_others_alone(tiny_model_dir, tokenizer, implementation):
+    """Through SFTModule.forward, as training runs it: ``varlen`` and the ``sdpa`` switch (a block mask from the
+    restarting position ids) keep packed samples apart."""
+    from lt_posttrain import SFTModule
+
+    module = SFTModule(str(tiny_model_dir), attn_implementation=implementation)
+    module.configure_model()
+    samples = samples_of(tokenizer, 3)
+    changed = [samples[0], {**samples[1], "input_ids": samples[1]["input_ids"][:5] + [42] * 20}, samples[2]]
+    with torch.no_grad():
+        before, after = (module(collate_packed(rows))[0] for rows in (samples, changed))
+    first, second = len(samples[0]["input_ids"]), len(samples[0]["input_ids"]) + 25
+    torch.testing.assert_close(after[:first], before[:first], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(after[second:], before[second + len(samples[1]["input_ids"]) - 25 :], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(after[first + 5 : second], before[first + 5 : second], atol=1e-3)

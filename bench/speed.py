@@ -1,6 +1,6 @@
 """Training speed on a GPU: our `fit` beside TRL's SFTTrainer and a plain PyTorch loop, in one process tree.
 
-    python bench/speed.py suite --anchors DIR --out RESULTS.jsonl [--shapes llama-3.2-1b smollm2-1.7b] [--quick]
+    python bench/speed.py suite --anchors DIR --out RESULTS.jsonl [--shapes llama-3.2-1b smollm2-1.7b] [--runs ...]
     python bench/speed.py ours --shape llama-3.2-1b --liger 1 --gc 1 [--seq 4096 --micro-batch 4 --steps 30]
     python bench/speed.py table RESULTS.jsonl            # the markdown table for BENCHMARKS.md
 
@@ -91,25 +91,30 @@ def _run(command: list[str], out: Path, timeout: int) -> None:
         handle.write(json.dumps(result) + "\n")
 
 
+RUNS = ("ours-gc", "ours-nogc", "ours-noliger", "trl-contiguous-liger", "trl-contiguous", "trl-padding-free",
+        "loop-gc", "loop-nogc")
+
+
 def suite(args) -> None:
     anchors, out, python = Path(args.anchors), Path(args.out), sys.executable
+    shape_args = [str(args.seq), str(args.micro_batch)]
     for shape in args.shapes:
         common = ["--seq", str(args.seq), "--micro-batch", str(args.micro_batch), "--steps", str(args.steps)]
         mine = [python, str(HERE / "speed.py"), "ours", "--shape", shape, "--anchors", str(anchors), *common]
-        runs = [mine + ["--liger", "1", "--gc", "1"], mine + ["--liger", "1", "--gc", "0"]]
-        if not args.quick:
-            runs.append(mine + ["--liger", "0", "--gc", "1"])
         trl = [python, str(anchors / "anchor_trl.py"), shape]
-        runs += [trl + ["1", str(args.seq), str(args.micro_batch), "25", "wrapped"]]
-        if not args.quick:
-            runs += [trl + ["0", str(args.seq), str(args.micro_batch), "25", "wrapped"],
-                     trl + ["0", str(args.seq), str(args.micro_batch), "25", "bfd"]]  # fmt: skip
-        ceiling = [python, str(anchors / "ceiling_probe.py"), shape]
-        runs += [ceiling + ["1", "1", str(args.seq), str(args.micro_batch), "30"]]
-        if not args.quick:
-            runs += [ceiling + ["1", "0", str(args.seq), str(args.micro_batch), "30"]]
-        for command in runs:
-            _run(command, out, args.timeout)
+        loop = [python, str(anchors / "ceiling_probe.py"), shape]
+        commands = {
+            "ours-gc": mine + ["--liger", "1", "--gc", "1"],
+            "ours-nogc": mine + ["--liger", "1", "--gc", "0"],
+            "ours-noliger": mine + ["--liger", "0", "--gc", "1"],
+            "trl-contiguous-liger": trl + ["1", *shape_args, "25", "wrapped"],
+            "trl-contiguous": trl + ["0", *shape_args, "25", "wrapped"],
+            "trl-padding-free": trl + ["0", *shape_args, "25", "bfd"],
+            "loop-gc": loop + ["1", "1", *shape_args, str(args.steps)],
+            "loop-nogc": loop + ["1", "0", *shape_args, str(args.steps)],
+        }
+        for name in args.runs:
+            _run(commands[name], out, args.timeout)
 
 
 def table(path: str) -> str:
@@ -154,7 +159,7 @@ def main() -> None:
         command.add_argument("--steps", type=int, default=30)
     commands.choices["suite"].add_argument("--out", required=True)
     commands.choices["suite"].add_argument("--shapes", nargs="+", default=["llama-3.2-1b", "smollm2-1.7b"])
-    commands.choices["suite"].add_argument("--quick", action="store_true", help="only the headline configurations")
+    commands.choices["suite"].add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS))
     commands.choices["suite"].add_argument("--timeout", type=int, default=300)
     commands.choices["ours"].add_argument("--shape", required=True)
     commands.choices["ours"].add_argument("--liger", type=int, default=1)

@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 TOKENIZER_DIR = SHARED / "assets" / "smollm2-tokenizer"
@@ -32,18 +31,9 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
     """A 2-layer Llama with the SmolLM2 tokenizer (random weights, fp32), saved as a Hugging Face folder."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from lt_posttrain.testing import save_tiny_llama
 
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer)
 
 
 def smollm2_installed() -> bool:

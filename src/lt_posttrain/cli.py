@@ -2,24 +2,33 @@
 
 import contextlib
 import io
+import pickle
 import sys
 from typing import Optional
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from lt_posttrain.callbacks.atomic_checkpoint_io import CHECKPOINT_READ_ERRORS, checkpoint_read_error
 from lt_posttrain.callbacks.hf_export import HFCheckpoint
+from lt_posttrain.callbacks.nonfinite import NonFiniteLossGuard
 from lt_posttrain.callbacks.predictions import PredictionWriter
+from lt_posttrain.callbacks.random_state import RandomStateCheckpoint
 from lt_posttrain.callbacks.throughput import ThroughputMeter
+from lt_posttrain.callbacks.training_state import TrainingStateCheckpoint
 from lt_posttrain.cli_errors import ConfigError, explain_parser_error, find_user_error
 from lt_posttrain.data.datamodule import InstructDataModule
+from lt_posttrain.folders import check_writable
+from lt_posttrain.plugins.short_names import expand_short_names
 from lt_posttrain.trainers.sft import SFTModule
 
 TRAINER_DEFAULTS = {"max_epochs": 1}
 
 
 class PostTrainCLI(LightningCLI):
-    """``LightningCLI`` with ``checkpoint`` (:class:`HFCheckpoint`), ``predictions`` (:class:`PredictionWriter`) and
-    ``throughput`` (:class:`ThroughputMeter`) sections, and the model's tokenizer handed to the data module."""
+    """``LightningCLI`` with ``checkpoint`` (:class:`HFCheckpoint`), ``training_state``
+    (:class:`TrainingStateCheckpoint`), ``nonfinite_loss`` (:class:`NonFiniteLossGuard`), ``predictions``
+    (:class:`PredictionWriter`) and ``throughput`` (:class:`ThroughputMeter`) sections, random states in every
+    checkpoint (:class:`RandomStateCheckpoint`), and the model's tokenizer handed to the data module."""
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         """Parse as Lightning does, but turn the parser's usage-and-error output into one :class:`ConfigError`."""
@@ -37,8 +46,34 @@ class PostTrainCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(HFCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(TrainingStateCheckpoint, "training_state")
+        parser.add_lightning_class_args(NonFiniteLossGuard, "nonfinite_loss")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.add_lightning_class_args(ThroughputMeter, "throughput")
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's (a ``--ckpt_path`` file's hyper-parameters update the model section), with a file that cannot be
+        read as one line. Lightning reads it weights-only whatever ``--weights_only`` says: with ``false``, a file with
+        pickled objects is left to the trainer, which honours it."""
+        try:
+            super()._parse_ckpt_path()
+        except CHECKPOINT_READ_ERRORS as error:
+            config = self.config.get(self.config.get("subcommand") or "", {})
+            if isinstance(error, pickle.UnpicklingError) and config.get("weights_only") is False:
+                return
+            raise checkpoint_read_error(config.get("ckpt_path"), error) from error
+
+    def _instantiate_trainer(self, config: dict, callbacks: list):
+        if config.get("enable_checkpointing") is False:  # Lightning refuses a ModelCheckpoint then
+            callbacks = [callback for callback in callbacks if not isinstance(callback, TrainingStateCheckpoint)]
+        return super()._instantiate_trainer(config, callbacks)
+
+    def before_fit(self) -> None:
+        """The run's folders, checked before the data is prepared (Lightning would fail later, with a traceback)."""
+        if self.trainer.is_global_zero:
+            check_writable(self.trainer.default_root_dir, "trainer.default_root_dir")
+            if self.trainer.log_dir:
+                check_writable(self.trainer.log_dir, "the log folder", "set trainer.logger's save_dir to another folder")
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
@@ -59,14 +94,19 @@ def _config_files(args) -> list[str]:
 
 
 def build_cli(args: Optional[list] = None, run: bool = True) -> PostTrainCLI:
-    """The CLI object for ``args`` (``sys.argv`` if None); with ``run`` the subcommand runs too."""
+    """The CLI object for ``args`` (``sys.argv`` if None); with ``run`` the subcommand runs too. Plugins' short
+    names (``--model dpo``) are expanded to import paths first."""
+    if args is None:  # rewritten in place: Lightning warns when given args while sys.argv holds a command line
+        sys.argv[1:] = expand_short_names(sys.argv[1:])
+    else:
+        args = expand_short_names(args)
     return PostTrainCLI(
         SFTModule,
         InstructDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults=TRAINER_DEFAULTS,
+        trainer_defaults={**TRAINER_DEFAULTS, "callbacks": [RandomStateCheckpoint()]},
         parser_kwargs={"prog": "lt-posttrain", "allow_abbrev": False},
         args=args,
         run=run,
@@ -75,19 +115,25 @@ def build_cli(args: Optional[list] = None, run: bool = True) -> PostTrainCLI:
 
 def main(args: Optional[list] = None) -> None:
     """``lt-posttrain``: ``fit``/``validate``/``test``/``predict`` go to Lightning's CLI, ``data ...`` to
-    :mod:`lt_posttrain.commands.data` (commands that are not Trainer methods, so not LightningCLI subcommands)."""
+    :mod:`lt_posttrain.commands.data` and ``plugins`` to :mod:`lt_posttrain.commands.plugins` (commands that are not
+    Trainer methods, so not LightningCLI subcommands)."""
     argv = sys.argv[1:] if args is None else [str(arg) for arg in args]
     try:
         if argv[:1] == ["data"]:
             from lt_posttrain.commands import data
 
-            data.run(argv[1:])
+            data.run(expand_short_names(argv[1:]))
+        elif argv[:1] == ["plugins"]:
+            from lt_posttrain.commands import plugins
+
+            plugins.run(argv[1:])
         elif argv in (["-h"], ["--help"]):
             try:
                 build_cli(args)
             finally:
                 print("\nother commands:\n  data {prepare,preview}  tokenize and count a recipe's data, or show its "
-                      "samples (lt-posttrain data --help)")  # fmt: skip
+                      "samples (lt-posttrain data --help)\n  plugins                 list the installed trainers, data "
+                      "modules, callbacks and data-source types (docs/plugins.md)")  # fmt: skip
         else:
             build_cli(args)
     except Exception as error:

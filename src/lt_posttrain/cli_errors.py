@@ -76,7 +76,10 @@ def explain_parser_error(message: str, known_options: Iterable[str] = (), config
     required = re.search(r"arguments are required: (.*)", message)
     if required:
         keys = [key.strip().split(".", 1)[-1] for key in required.group(1).split(",")]
-        return f"missing required key(s): {', '.join(keys)} (e.g. --model.name_or_path and --data.sources)"
+        parent = re.search(r'Parser key "([^"]+)"', message)  # a class's own required argument
+        keys = [f"{parent.group(1)}.{key}" for key in keys] if parent else keys
+        example = " (e.g. --model.name_or_path and --data.sources)" if {"model", "data"} & set(keys) else ""
+        return f"missing required key(s): {', '.join(keys)}{example}"
     lines = [line.strip() for line in message.splitlines() if line.strip() and not line.strip().startswith(_NOISE)]
     lines = [line for line in lines if not re.match(r'^(- )?(Problem with given class_path|Parser key ")', line)] or lines
     detail = re.sub(r'^(Parser key "[^"]+":\s*)+', "", lines[-1] if lines else message.strip())

@@ -7,6 +7,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
 from lt_posttrain.model.export import export_hf
+from lt_posttrain.model.lora import is_peft_model
 
 
 class HFCheckpoint(L.Callback):
@@ -17,12 +18,21 @@ class HFCheckpoint(L.Callback):
             under the run directory (the logger's version folder).
         save_end_of_training: write the final model when training ends.
         save_every_n_steps: also write one every N optimizer steps (0: never).
+        merge_lora: with ``model.lora``, write a plain Hugging Face model (the base with the adapter merged in)
+            instead of the PEFT adapter folder.
     """
 
-    def __init__(self, output_dir: Optional[str] = None, save_end_of_training: bool = True, save_every_n_steps: int = 0):
+    def __init__(
+        self,
+        output_dir: Optional[str] = None,
+        save_end_of_training: bool = True,
+        save_every_n_steps: int = 0,
+        merge_lora: bool = False,
+    ):
         self.output_dir = output_dir
         self.save_end_of_training = save_end_of_training
         self.save_every_n_steps = save_every_n_steps
+        self.merge_lora = merge_lora
         self._last_step_saved = -1
 
     def resolved_output_dir(self, trainer: L.Trainer) -> Path:
@@ -32,7 +42,8 @@ class HFCheckpoint(L.Callback):
 
     def _export(self, trainer: L.Trainer, module: L.LightningModule, folder: Path) -> None:
         if trainer.is_global_zero:
-            export_hf(module.model, module.tokenizer, folder)
+            trust_remote_code = bool(getattr(module, "hparams", {}).get("trust_remote_code", False))
+            export_hf(module.model, module.tokenizer, folder, self.merge_lora, trust_remote_code)
         trainer.strategy.barrier("hf_export")
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
@@ -45,4 +56,7 @@ class HFCheckpoint(L.Callback):
         if self.save_end_of_training:
             folder = self.resolved_output_dir(trainer)
             self._export(trainer, module, folder)
-            rank_zero_info(f"Hugging Face model written to {folder.resolve()}")
+            what = (
+                "LoRA adapter (PEFT)" if is_peft_model(module.model) and not self.merge_lora else "Hugging Face model"
+            )
+            rank_zero_info(f"{what} written to {folder.resolve()}")

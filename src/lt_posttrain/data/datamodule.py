@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Literal, Optional, Union
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -162,7 +163,13 @@ class InstructDataModule(L.LightningDataModule):
             seed=self.seed,
             even=train,
         )
-        return StatefulDataLoader(self.batch_dataset(samples), sampler=sampler, batch_size=None, num_workers=self.num_workers)
+        # Its own generator: starting an iteration (validation, too) then draws nothing from the global one, which
+        # dropout uses, so a resumed run draws the same dropout masks as an uninterrupted one.
+        generator = torch.Generator().manual_seed(self.seed)
+        return StatefulDataLoader(
+            self.batch_dataset(samples), sampler=sampler, batch_size=None, num_workers=self.num_workers,
+            generator=generator,
+        )  # fmt: skip
 
     def train_dataloader(self):
         return self._loader(self.train_samples, self.train_rows, train=True)

@@ -4,6 +4,9 @@ The plan of an epoch is a pure function of the rows, the seed and the epoch. Glo
 ``g % world_size``; with ``accumulate`` micro-batches per optimizer step, step ``k`` covers global micro-batches
 ``[k * accumulate * world_size, (k + 1) * accumulate * world_size)`` whatever the split into micro-batch size,
 accumulation and ranks: the same rows give the same optimizer steps.
+
+``PlanSampler`` remembers how far into its epoch it is (``state_dict``), so that a resumed run continues at the next
+micro-batch of the same epoch's plan.
 """
 
 import math
@@ -11,6 +14,8 @@ import random
 from dataclasses import dataclass
 
 from torch.utils.data.distributed import DistributedSampler
+
+from lt_posttrain.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -62,10 +67,19 @@ def plan_epoch(
     return plan
 
 
+_PLAN_NAMES = {
+    "rows": "training rows", "loss_tokens": "loss tokens", "batch_size": "data.batch_size",
+    "accumulate": "trainer.accumulate_grad_batches", "world_size": "ranks", "shuffle": "data.shuffle", "seed": "data.seed",
+}  # fmt: skip
+
+
 class PlanSampler(DistributedSampler):
     """Yields this rank's :class:`MicroBatch` es for the epoch set by ``set_epoch``.
 
     A ``DistributedSampler`` subclass so that Lightning keeps it instead of injecting its own; it shards by itself.
+    It is stateful (``state_dict``/``load_state_dict``, which torchdata's ``StatefulDataLoader`` saves and restores):
+    the state is the epoch and the number of micro-batches yielded in it, so the next iteration after a load starts at
+    the next micro-batch. Every rank runs the same number of micro-batches, so one rank's state fits them all.
     """
 
     def __init__(self, rows, loss_counts, batch_size, accumulate=1, rank=0, world_size=1, shuffle=True, seed=0, even=True):
@@ -77,9 +91,54 @@ class PlanSampler(DistributedSampler):
         global_batches = math.ceil(len(rows) / batch_size)
         self.num_samples = global_batches // world_size if even else len(range(rank, global_batches, world_size))
         self.total_size = self.num_samples * world_size
+        self.plan_identity = {
+            "rows": len(rows), "loss_tokens": sum(loss_counts), "batch_size": batch_size, "accumulate": accumulate,
+            "world_size": world_size, "shuffle": shuffle, "seed": seed,
+        }  # fmt: skip
+        self.yielded = 0  # micro-batches of the current epoch handed out so far
+        self._resume_at = 0  # where the next iteration starts (set by load_state_dict)
 
     def __iter__(self):
-        return iter(plan_epoch(**self.plan_args, epoch=self.epoch))
+        start, self._resume_at = self._resume_at, 0
+        self.yielded = start
+        return self._count_out(plan_epoch(**self.plan_args, epoch=self.epoch)[start:])
+
+    def _count_out(self, micro_batches: list[MicroBatch]):
+        for micro_batch in micro_batches:
+            self.yielded += 1
+            yield micro_batch
 
     def __len__(self) -> int:
         return self.num_samples
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.yielded = 0
+        super().set_epoch(epoch)
+
+    def state_dict(self) -> dict:
+        """``epoch``, the micro-batches ``yielded`` in it, and ``plan``: what the plan was made from (sizes, batching,
+        ranks, seed), to refuse a state that belongs to another plan."""
+        return {"epoch": self.epoch, "yielded": self.yielded, "plan": dict(self.plan_identity)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue where ``state`` (from :meth:`state_dict`) was taken: the next iteration runs its epoch from the
+        next micro-batch on (or the next epoch, if that one was complete).
+
+        Raises:
+            UserError: ``state`` comes from a plan of other data, batching, ranks or seed.
+        """
+        changed = [
+            f"{_PLAN_NAMES[key]} {state['plan'].get(key)}, now {value}"
+            for key, value in self.plan_identity.items()
+            if state["plan"].get(key) != value
+        ]
+        if changed:
+            raise UserError(
+                f"--ckpt_path: the checkpoint's data position is for another data plan ({'; '.join(changed)}); resume "
+                "with the data and settings it was written with"
+            )
+        epoch, yielded = state["epoch"], state["yielded"]
+        if yielded >= self.num_samples:
+            epoch, yielded = epoch + 1, 0
+        self.epoch, self._resume_at, self.yielded = epoch, yielded, yielded

@@ -60,9 +60,22 @@ def varlen_attention(module, query, key, value, attention_mask=None, dropout=0.0
         key, value = _expand_kv(key, value, query.shape[1], dim=1)
         out = F.scaled_dot_product_attention(query, key, value, is_causal=query.shape[2] > 1, scale=scaling)
         return out.transpose(1, 2), None
-    if query.is_cuda:
-        return _varlen_cuda(query, key, value, cu_q, cu_k, kwargs["max_length_q"], kwargs["max_length_k"], scaling), None
+    dtype = _flash_dtype(query)
+    if query.is_cuda and dtype is not None:
+        q, k, v = query.to(dtype), key.to(dtype), value.to(dtype)
+        out = _varlen_cuda(q, k, v, cu_q, cu_k, kwargs["max_length_q"], kwargs["max_length_k"], scaling)
+        return out.to(query.dtype), None
     return _per_sample(query, key, value, cu_q, scaling), None
+
+
+def _flash_dtype(query: torch.Tensor):
+    """The half-precision dtype the flash kernel runs in: the query's, or autocast's for a float32 query (e.g. from
+    a bitsandbytes layer, which returns its input's dtype); None for float32 without autocast (then exact SDPA)."""
+    if query.dtype in (torch.float16, torch.bfloat16):
+        return query.dtype
+    if query.is_cuda and torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    return None
 
 
 def register_varlen_attention() -> str:

@@ -1,4 +1,4 @@
-"""Writing a Hugging Face folder (model + tokenizer) so that a crash never leaves a half-written one."""
+"""Writing a Hugging Face folder (model or LoRA adapter, + tokenizer) so that a crash never leaves a half-written one."""
 
 import os
 import shutil
@@ -6,14 +6,22 @@ import tempfile
 from pathlib import Path
 
 from lt_posttrain.errors import UserError
+from lt_posttrain.model.lora import is_peft_model, merged_lora_model
 
 
-def export_hf(model, tokenizer, output_dir: str | os.PathLike) -> Path:
+def export_hf(
+    model, tokenizer, output_dir: str | os.PathLike, merge_lora: bool = False, trust_remote_code: bool = False
+) -> Path:
     """``save_pretrained`` of ``model`` and ``tokenizer`` into ``output_dir``, loadable with ``from_pretrained``.
 
-    Everything is written into a hidden folder beside the files first and moved in only once complete, so a failed
-    write leaves whatever ``output_dir`` held before. Sub-folders of ``output_dir`` (step exports) are kept.
+    A LoRA model (PEFT) is written as its adapter (``PeftModel.from_pretrained(base, output_dir)`` loads it) or, with
+    ``merge_lora``, as a plain model: the base reloaded from its source on the CPU with the adapter merged in
+    (``trust_remote_code`` for that reload); ``model`` itself is not changed. Everything is written into a hidden
+    folder beside the files first and moved in only once complete, so a failed write leaves whatever ``output_dir``
+    held before. Sub-folders of ``output_dir`` (step exports) are kept.
     """
+    if merge_lora and is_peft_model(model):
+        model = merged_lora_model(model, trust_remote_code)
     target = Path(output_dir)
     try:
         target.mkdir(parents=True, exist_ok=True)

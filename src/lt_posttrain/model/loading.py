@@ -109,11 +109,15 @@ def load_causal_lm(
     dtype: str = "float32",
     attn_implementation: Optional[str] = VARLEN,
     trust_remote_code: bool = False,
+    quantization_config=None,
 ):
-    """The causal LM of ``name_or_path`` in train mode, weights in ``dtype``."""
+    """The causal LM of ``name_or_path`` in train mode, weights in ``dtype``; ``quantization_config`` (a
+    transformers quantization config, see :mod:`lt_posttrain.model.quantization`) loads the linear layers quantized."""
     from transformers import AutoModelForCausalLM
 
     kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
     if attn_implementation == VARLEN:
         register_varlen_attention()
     if attn_implementation:

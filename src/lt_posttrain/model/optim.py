@@ -1,4 +1,5 @@
-"""AdamW with decay only where it belongs, and the learning-rate schedule."""
+"""AdamW with decay only where it belongs (torch's, or bitsandbytes' paged 8-bit one), and the learning-rate
+schedule."""
 
 import math
 from typing import Literal
@@ -7,6 +8,7 @@ import torch
 from torch import nn
 
 Schedule = Literal["cosine", "linear", "constant"]
+OptimizerName = Literal["adamw", "paged_adamw_8bit"]
 
 
 def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -30,6 +32,17 @@ def build_adamw(model: nn.Module, learning_rate: float, weight_decay: float, bet
     groups = [group for group in decay_groups(model, weight_decay) if group["params"]]
     on_gpu = all(parameter.is_cuda for group in groups for parameter in group["params"])
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=on_gpu or None)
+
+
+def build_optimizer(name: OptimizerName, model: nn.Module, learning_rate: float, weight_decay: float):
+    """``adamw`` (:func:`build_adamw`) or ``paged_adamw_8bit`` (bitsandbytes: 8-bit states in paged memory that
+    spills to the CPU under pressure), both over :func:`decay_groups`."""
+    if name == "adamw":
+        return build_adamw(model, learning_rate, weight_decay)
+    from bitsandbytes.optim import PagedAdamW8bit
+
+    groups = [group for group in decay_groups(model, weight_decay) if group["params"]]
+    return PagedAdamW8bit(groups, lr=learning_rate, betas=(0.9, 0.999), eps=1e-8)
 
 
 def warmup_steps_of(total_steps: int, warmup: float) -> int:

@@ -7,15 +7,30 @@ gradient does not depend on the micro-batch size, the accumulation, packing or t
 """
 
 import math
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lt_posttrain.model.attention import VARLEN
+from lt_posttrain.model.kernels import FUSED_LOSS, LigerKernels, apply_liger_kernels, fused_loss_parts, require_liger
 from lt_posttrain.model.loading import load_causal_lm, load_tokenizer, resolve_model_path
-from lt_posttrain.model.optim import Schedule, build_adamw, build_schedule, warmup_steps_of
-from lt_posttrain.trainers.losses import token_cross_entropy_sum
+from lt_posttrain.model.lora import LoraOptions, apply_lora
+from lt_posttrain.model.optim import OptimizerName, Schedule, build_optimizer, build_schedule, warmup_steps_of
+from lt_posttrain.model.parameters import describe_parameter_counts
+from lt_posttrain.model.quantization import (
+    bitsandbytes_config,
+    check_quantization,
+    is_quantized,
+    prepare_quantized_for_training,
+    require_bitsandbytes,
+)
+from lt_posttrain.trainers.losses import (
+    fused_linear_cross_entropy_sum,
+    fused_loss_weighs_tokens,
+    token_cross_entropy_sum,
+)
 
 PACKED_KEYS = ("attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 Dtype = Literal["float32", "bfloat16", "float16", "auto"]
@@ -35,9 +50,18 @@ class SFTModule(L.LightningModule):
         attn_implementation: the transformers attention implementation. ``varlen`` (default): each packed sample
             attends only to itself, with torch's varlen flash kernel on GPU and no dense mask; ``sdpa``, ``eager``,
             ... are transformers' own (packed samples then get a dense block-diagonal mask).
-        gradient_checkpointing: recompute activations in the backward pass to save memory.
+        gradient_checkpointing: recompute activations in the backward pass to save memory (non-reentrant).
         trust_remote_code: allow a hub model's own Python code to run (off: only transformers' code runs).
         max_new_tokens: tokens generated per prompt by ``lt-posttrain predict`` (greedy).
+        lora: train LoRA adapters (:class:`~lt_posttrain.model.lora.LoraOptions`) instead of every weight; None:
+            a full fine-tune. The export is then a PEFT adapter folder (``checkpoint.merge_lora`` for a merged model).
+        load_in_4bit: QLoRA: load the base weights as 4-bit NF4 (double quantisation, bf16 compute) with
+            bitsandbytes; needs ``lora`` and a CUDA GPU.
+        load_in_8bit: load the base weights in 8 bits with bitsandbytes; needs ``lora`` and a CUDA GPU.
+        liger: Liger kernels (CUDA): ``true`` for every one the architecture supports, or a mapping
+            (:class:`~lt_posttrain.model.kernels.LigerKernels`) of ``rms_norm``, ``rope``, ``swiglu``,
+            ``fused_linear_cross_entropy``.
+        optimizer: ``adamw`` (torch) or ``paged_adamw_8bit`` (bitsandbytes, CUDA).
     """
 
     def __init__(
@@ -52,31 +76,74 @@ class SFTModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
         max_new_tokens: int = 256,
+        lora: Optional[LoraOptions] = None,
+        load_in_4bit: bool = False,
+        load_in_8bit: bool = False,
+        liger: Union[bool, LigerKernels] = False,
+        optimizer: OptimizerName = "adamw",
     ):
         super().__init__()
-        self.save_hyperparameters()
-        resolve_model_path(name_or_path)  # a wrong path fails now, in one line, not after the data is prepared
+        self.save_hyperparameters()  # as given: the CLI passes mappings where the signature says dataclass
+        self.lora = LoraOptions(**lora) if isinstance(lora, dict) else lora
+        self.liger = LigerKernels(**liger) if isinstance(liger, dict) else liger
+        # Wrong paths and options fail now, in one line, not after the data is prepared.
+        resolve_model_path(name_or_path)
+        check_quantization(load_in_4bit, load_in_8bit, lora)
+        if liger:
+            require_liger()
+        if optimizer == "paged_adamw_8bit":
+            require_bitsandbytes("model.optimizer paged_adamw_8bit")
         self.tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
         self.model = None
+        self.liger_kernels: list[str] = []
 
     # -- the model -------------------------------------------------------------------------------------------
     def build_model(self) -> torch.nn.Module:
-        """Create the Hugging Face model (override to build it another way: a model factory)."""
+        """Create the Hugging Face model: the model factory, to override to build it another way (a different class,
+        extra modules). Liger kernels, gradient checkpointing and LoRA are applied to what it returns, in
+        :meth:`configure_model`; quantization happens here, as the weights load."""
         hp = self.hparams
-        model = load_causal_lm(hp.name_or_path, hp.dtype, hp.attn_implementation, hp.trust_remote_code)
-        if hp.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return model
+        quantization = bitsandbytes_config(hp.load_in_4bit, hp.load_in_8bit)
+        return load_causal_lm(hp.name_or_path, hp.dtype, hp.attn_implementation, hp.trust_remote_code, quantization)
 
     def configure_model(self) -> None:
-        if self.model is None:
-            self.model = self.build_model()
+        """Lightning's hook: :meth:`build_model`, then Liger kernels, k-bit preparation, gradient checkpointing and
+        LoRA, as configured; logs what was applied and the trainable parameter count."""
+        if self.model is not None:
+            return
+        hp = self.hparams
+        model = self.build_model()
+        self.liger_kernels = apply_liger_kernels(model, self.liger) if self.liger else []
+        if is_quantized(model):
+            model = prepare_quantized_for_training(model, hp.gradient_checkpointing)
+        elif hp.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.lora is not None:
+            model = apply_lora(model, self.lora)
+        if FUSED_LOSS in self.liger_kernels:
+            fused_loss_parts(model)  # refuses now a head the fused loss cannot use
+        if self.liger_kernels:
+            rank_zero_info(f"Liger kernels ({model.config.model_type}): {', '.join(self.liger_kernels)}")
+        rank_zero_info(describe_parameter_counts(model))
+        self.model = model
+
+    def model_inputs(self, batch: dict) -> dict:
+        """The keyword arguments of the model's forward for a padded or packed micro-batch."""
+        keys = PACKED_KEYS if self.hparams.attn_implementation == VARLEN else ("attention_mask", "position_ids")
+        return {
+            "input_ids": batch["input_ids"],
+            "use_cache": False,
+            **{key: batch[key] for key in keys if key in batch},
+        }
 
     def forward(self, batch: dict) -> torch.Tensor:
         """Logits ``[batch, sequence, vocab]`` for a padded or packed micro-batch."""
-        keys = PACKED_KEYS if self.hparams.attn_implementation == VARLEN else ("attention_mask", "position_ids")
-        inputs = {key: batch[key] for key in keys if key in batch}
-        return self.model(input_ids=batch["input_ids"], use_cache=False, **inputs).logits
+        return self.model(**self.model_inputs(batch)).logits
+
+    def hidden_states(self, batch: dict) -> torch.Tensor:
+        """The final hidden states ``[batch, sequence, hidden]``, the output head's input (no logits computed)."""
+        decoder, _, _ = fused_loss_parts(self.model)
+        return decoder(**self.model_inputs(batch)).last_hidden_state
 
     # -- the loss: the one method a custom trainer overrides --------------------------------------------------
     def loss(self, batch: dict) -> torch.Tensor:
@@ -85,7 +152,20 @@ class SFTModule(L.LightningModule):
         ``batch["targets"]`` holds the token each position predicts (``-100`` where no loss); optional
         ``batch["target_weights"]`` scales each position's loss.
         """
-        return token_cross_entropy_sum(self(batch), batch["targets"], batch.get("target_weights"))
+        targets, weights = batch["targets"], batch.get("target_weights")
+        if self._fused_loss_applies(weights):
+            _, head, softcap = fused_loss_parts(self.model)
+            return fused_linear_cross_entropy_sum(self.hidden_states(batch), head.weight, targets, weights, softcap)
+        return token_cross_entropy_sum(self(batch), targets, weights)
+
+    def _fused_loss_applies(self, weights: Optional[torch.Tensor]) -> bool:
+        if FUSED_LOSS not in self.liger_kernels:
+            return False
+        if weights is not None and not fused_loss_weighs_tokens():
+            rank_zero_warn("sample weights: this liger-kernel cannot weight tokens in its fused loss (0.8.5 can); "
+                           "computing the loss from the full logits instead")  # fmt: skip
+            return False
+        return True
 
     # -- steps --------------------------------------------------------------------------------------------------
     def _sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
@@ -158,7 +238,7 @@ class SFTModule(L.LightningModule):
     # -- optimisation -------------------------------------------------------------------------------------------
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = build_adamw(self.model, hp.learning_rate, hp.weight_decay)
+        optimizer = build_optimizer(hp.optimizer, self.model, hp.learning_rate, hp.weight_decay)
         total = self.total_optimizer_steps()
         scheduler = build_schedule(optimizer, hp.schedule, warmup_steps_of(total, hp.warmup), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

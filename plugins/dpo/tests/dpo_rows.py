@@ -1,0 +1,19 @@
+"""Preference rows for the tests, made from GSM8K in the repository's ../shared (a module of its own, not conftest,
+so that test folders of several packages can be collected together)."""
+
+import json
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parents[4] / "shared"
+
+
+def gsm8k_pairs(count: int) -> list[dict]:
+    """``{"prompt", "chosen", "rejected"}`` rows: a GSM8K question, its worked answer, and the next problem's."""
+    with open(SHARED / "data" / "gsm8k_train.jsonl") as file:
+        rows = [json.loads(line) for _, line in zip(range(count + 1), file)]
+    return [{"prompt": a["question"], "chosen": a["answer"], "rejected": b["answer"]} for a, b in zip(rows, rows[1:])]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path

@@ -1,0 +1,123 @@
+"""DPO training: the loss starts at log 2 and a step widens the chosen-over-rejected margin; the step's gradient is
+the mean over its pairs whatever the batching; precomputed reference log-probabilities give the same loss; a recipe
+picks it all by short names."""
+
+import csv
+import math
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from dpo_rows import gsm8k_pairs, write_jsonl
+from lt_posttrain_dpo import DPOModule, PreferenceDataModule
+
+
+def pairs_data(tokenizer, path, **options) -> PreferenceDataModule:
+    data = PreferenceDataModule([{"name_or_path": str(path), "type": "preference_pairs"}], max_length=512,
+                                shuffle=False, **options)  # fmt: skip
+    data.connect(tokenizer)
+    data.setup("fit")
+    return data
+
+
+def dpo(model_dir, **options) -> DPOModule:
+    module = DPOModule(str(model_dir), beta=0.5, **options)
+    module.configure_model()
+    return module
+
+
+def test_loss_starts_at_log_2_and_a_step_raises_the_margin(tiny_model_dir, tokenizer, pairs_file):
+    batch = next(iter(pairs_data(tokenizer, pairs_file, batch_size=4).train_dataloader()))
+    module = dpo(tiny_model_dir)
+    losses, rewards = module.pair_losses(batch)
+    assert losses.detach() == pytest.approx([math.log(2)] * 4, abs=1e-6)  # the policy is its reference
+    optimizer = torch.optim.SGD(module.model.parameters(), lr=1e-3)
+    losses.mean().backward()
+    optimizer.step()
+    with torch.no_grad():
+        after, rewards = module.pair_losses(batch)
+    assert (rewards[:, 0] > rewards[:, 1]).all()  # every pair's chosen answer gained on its rejected one
+    assert (after < math.log(2)).all()
+
+
+class FirstGradients(L.Callback):
+    def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
+        if not hasattr(self, "grads"):
+            self.grads = {name: p.grad.clone() for name, p in module.model.named_parameters() if p.grad is not None}
+
+
+def fit_one_step(model_dir, tokenizer, path, batch_size, accumulate, packing) -> dict:
+    capture = FirstGradients()
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, accumulate_grad_batches=accumulate, logger=False,
+                        callbacks=[capture], enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)  # fmt: skip
+    data = PreferenceDataModule([{"name_or_path": str(path), "type": "preference_pairs"}], max_length=512,
+                                batch_size=batch_size, packing=packing, shuffle=False)  # fmt: skip
+    trainer.fit(DPOModule(str(model_dir), beta=0.5, learning_rate=1e-3), data)
+    return capture.grads
+
+
+def test_gradient_is_the_mean_over_the_steps_pairs(tiny_model_dir, tokenizer, tmp_path):
+    """Four pairs of very different lengths: one micro-batch of 4 pairs, 4 micro-batches of 1, or 2 micro-batches of
+    one packed row each (3 pairs and 1) all give the gradient of the mean loss over the 4 pairs, computed by hand."""
+    short = [{"prompt": "2+2?", "chosen": "4", "rejected": "5"},
+             {"prompt": "Is 7 prime?", "chosen": "Yes.", "rejected": "No."}]  # fmt: skip
+    path = write_jsonl(tmp_path / "pairs.jsonl", [*gsm8k_pairs(2), *short])
+    module = dpo(tiny_model_dir)
+    batch = next(iter(pairs_data(tokenizer, path, batch_size=4).train_dataloader()))
+    module.pair_losses(batch)[0].mean().backward()
+    expected = {name: p.grad for name, p in module.model.named_parameters()}
+    for batch_size, accumulate, packing in [(4, 1, False), (1, 4, False), (1, 2, True)]:
+        grads = fit_one_step(tiny_model_dir, tokenizer, path, batch_size, accumulate, packing)
+        for name, grad in expected.items():
+            error = (grads[name] - grad).abs().max() / grad.abs().max()
+            assert error < 1e-5, f"{batch_size=} {accumulate=} {packing=} {name}: relative difference {error:.1e}"
+
+
+def test_precomputed_reference_gives_the_same_losses(tiny_model_dir, tokenizer, tmp_path):
+    rows = gsm8k_pairs(4)
+    module = dpo(tiny_model_dir)
+    with torch.no_grad():  # the reference log-probabilities, row by row, as a preprocessing job would write them
+        one_by_one = pairs_data(tokenizer, write_jsonl(tmp_path / "a.jsonl", rows), batch_size=1).train_dataloader()
+        for row, batch in zip(rows, one_by_one):
+            row["reference_chosen_logp"], row["reference_rejected_logp"] = module.reference_logps(batch)[0].tolist()
+    precomputed = dpo(tiny_model_dir, precomputed_reference=True)
+    assert precomputed.reference_model is None
+    precomputed.model.load_state_dict(module.model.state_dict())
+    batch = next(iter(pairs_data(tokenizer, write_jsonl(tmp_path / "b.jsonl", rows), batch_size=4).train_dataloader()))
+    with torch.no_grad():
+        assert precomputed.pair_losses(batch)[0] == pytest.approx(module.pair_losses(batch)[0], abs=1e-6)
+
+
+def lt_posttrain(*args):
+    return subprocess.run([sys.executable, "-m", "lt_posttrain.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+
+
+def test_recipe_with_short_names(tiny_model_dir, pairs_file, tmp_path):
+    recipe = tmp_path / "dpo.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"class_path": "dpo", "init_args": {"name_or_path": str(tiny_model_dir), "beta": 0.1}},
+        "data": {"class_path": "preference", "init_args": {
+            "sources": [{"name_or_path": str(pairs_file), "type": "preference_pairs"}], "batch_size": 2}},
+        "trainer": {"accelerator": "cpu", "max_steps": 2, "log_every_n_steps": 1, "enable_checkpointing": False,
+                    "logger": {"class_path": "CSVLogger", "init_args": {"save_dir": str(tmp_path)}}},
+        "checkpoint": {"save_end_of_training": False},
+    }))  # fmt: skip
+    result = lt_posttrain("fit", "--config", recipe)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = list(csv.DictReader(next(tmp_path.rglob("metrics.csv")).open()))
+    losses = [float(row["train/loss"]) for row in rows if row["train/loss"]]
+    assert len(losses) == 2 and losses[0] == pytest.approx(math.log(2), abs=1e-5)
+    assert all(0 <= float(row["train/reward_accuracy"]) <= 1 for row in rows if row["train/loss"])
+    saved = yaml.safe_load(next(tmp_path.rglob("config.yaml")).read_text())
+    assert saved["model"]["class_path"] == "lt_posttrain_dpo.trainer.DPOModule"
+    assert saved["data"]["class_path"] == "lt_posttrain_dpo.datamodule.PreferenceDataModule"
+
+    plain_data = lt_posttrain("fit", "--config", recipe, "--data", "instruct")
+    assert plain_data.returncode == 2 and "Traceback" not in plain_data.stderr, plain_data.stderr[-2000:]
+    error = plain_data.stderr.strip().splitlines()[-1]
+    assert error.startswith("lt-posttrain: error: model dpo learns from preference pairs")

@@ -1,0 +1,121 @@
+"""``TrainingStateCheckpoint``: full checkpoints to resume from (``--ckpt_path last``), every N steps and at the end."""
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from lt_posttrain.callbacks.atomic_checkpoint_io import AtomicCheckpointIO
+from lt_posttrain.errors import UserError
+from lt_posttrain.folders import check_writable
+
+_STEP_FILE = re.compile(r"^step-(\d+)\.ckpt$")
+
+
+class TrainingStateCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint``, set up to resume: each checkpoint holds the weights, optimizer, learning-rate
+    schedule, random states and the position in the epoch's data, so ``lt-posttrain fit ... --ckpt_path last``
+    continues at the next batch as if never stopped.
+
+    Files are ``step-N.ckpt`` (the newest ``keep_last`` kept) and ``last.ckpt``, a link to the newest. Each is written
+    to a hidden file and renamed into place (:class:`AtomicCheckpointIO`), so a crash or a full disk never leaves a
+    half-written one; ``--ckpt_path last`` picks the newest complete checkpoint. ``trainer.enable_checkpointing
+    false`` turns this off.
+
+    Args:
+        dirpath: the folder. Default: ``checkpoints`` under ``trainer.default_root_dir`` (not under a logger's
+            version folder, so that the next run finds it).
+        every_n_steps: write one every N optimizer steps (0: only at the end of training).
+        keep_last: how many ``step-N.ckpt`` files to keep (-1: all; 0: only ``last.ckpt``, then a full copy).
+        save_end_of_training: also write one when training ends, whatever the step.
+    """
+
+    def __init__(
+        self,
+        dirpath: Optional[str] = None,
+        every_n_steps: int = 500,
+        keep_last: int = 2,
+        save_end_of_training: bool = True,
+    ):
+        if every_n_steps < 0 or keep_last < -1:
+            raise UserError(
+                f"training_state: every_n_steps must be >= 0 and keep_last >= -1, got {every_n_steps} and {keep_last}"
+            )
+        super().__init__(
+            dirpath=dirpath, filename="step-{step}", monitor="step", mode="max", save_top_k=keep_last,
+            every_n_train_steps=every_n_steps, save_last="link" if keep_last else True, auto_insert_metric_name=False,
+            save_on_train_epoch_end=True, enable_version_counter=False,
+        )  # fmt: skip
+        self.save_end_of_training = save_end_of_training
+
+    def resolved_dirpath(self, trainer: L.Trainer) -> str:
+        """The folder: ``dirpath``, else ``checkpoints`` under ``trainer.default_root_dir`` (as a real path, as
+        ``ModelCheckpoint`` stores a given one, so that a resumed run recognises its own files)."""
+        if self.dirpath:
+            return str(self.dirpath)
+        return os.path.realpath(os.path.join(trainer.default_root_dir, "checkpoints"))
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.dirpath = self.resolved_dirpath(trainer)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # the default; never replace a chosen one
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if stage == "fit" and trainer.is_global_zero:
+            hint = "choose another folder (or trainer.default_root_dir), or set trainer.enable_checkpointing false"
+            check_writable(self.dirpath, "training_state.dirpath", hint)
+        super().setup(trainer, pl_module, stage)
+
+    def _find_last_checkpoints(self, trainer: L.Trainer) -> set[str]:
+        """What ``--ckpt_path last`` resumes from: ``last.ckpt`` if it resolves, else the highest ``step-N.ckpt``."""
+        folder = Path(self.resolved_dirpath(trainer))
+        last = folder / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+        if last.exists():
+            return {str(last)}
+        steps = [(int(match.group(1)), path) for path in _files(folder) if (match := _STEP_FILE.match(path.name))]
+        return {str(max(steps)[1])} if steps else set()
+
+    @staticmethod
+    def _link_checkpoint(trainer: L.Trainer, filepath: str, linkpath: str) -> None:
+        """Point ``linkpath`` at ``filepath`` with one rename: there is never a moment without a ``last.ckpt``."""
+        if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
+            staging = f"{linkpath}.{os.getpid()}.partial"
+            if os.path.lexists(staging):
+                os.remove(staging)
+            try:
+                os.symlink(os.path.relpath(filepath, os.path.dirname(linkpath)), staging)
+            except OSError:  # a file system without links: a copy, as Lightning falls back to
+                shutil.copyfile(filepath, staging)
+            os.replace(staging, linkpath)
+        trainer.strategy.barrier()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        # This step's state is on disk already (the checkpoint resumed from). Without this, a resumed run writes it
+        # again after its first micro-batch: in the middle of an accumulation, whose gradients no checkpoint holds.
+        self._last_global_step_saved = trainer.global_step
+        _start_the_epoch_after_an_epoch_end_checkpoint(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.save_end_of_training and not self._should_skip_saving_checkpoint(trainer):
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+
+
+def _files(folder: Path) -> list[Path]:
+    return [path for path in folder.iterdir() if path.is_file()] if folder.is_dir() else []
+
+
+def _start_the_epoch_after_an_epoch_end_checkpoint(trainer: L.Trainer) -> None:
+    """Resumed from the last batch of an epoch, Lightning 2.6 closes that epoch but keeps its "restarted mid-epoch"
+    mark through the next one: that epoch is never counted as started (so a checkpoint taken in it reads, on load, as
+    one from before it began) and its ``on_train_epoch_start`` hooks do not run. Clearing the mark lets the next epoch
+    start as any other."""
+    loop = trainer.fit_loop
+    progress = loop.epoch_progress.current
+    if loop.restarted_mid_epoch and progress.processed == progress.started:  # mid-epoch would be started - 1
+        loop.reset_restart_stage()

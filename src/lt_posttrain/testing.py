@@ -1,0 +1,30 @@
+"""Helpers for testing trainers and plugins on CPU in seconds: a tiny random Llama that uses a real tokenizer."""
+
+from pathlib import Path
+
+
+def save_tiny_llama(folder, tokenizer, seed: int = 0) -> Path:
+    """Save a 2-layer Llama (hidden size 64, random fp32 weights from ``seed``) and ``tokenizer`` as a Hugging Face
+    folder that ``name_or_path`` can point at.
+
+    Args:
+        folder: where to write it (created if missing).
+        tokenizer: the tokenizer to pair it with; the vocabulary and special tokens follow it.
+        seed: seed of the random weights.
+
+    Returns:
+        ``folder`` as a ``Path``.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = Path(folder)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

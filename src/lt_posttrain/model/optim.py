@@ -1,14 +1,16 @@
-"""AdamW with decay only where it belongs (torch's, or bitsandbytes' paged 8-bit one), and the learning-rate
-schedule."""
+"""The optimizer (AdamW with decay only where it belongs: torch's fused one, a compensated one for bf16 weights,
+bitsandbytes' 8-bit ones, or the user's own class) and the learning-rate schedule."""
 
+import importlib
 import math
-from typing import Literal
+from typing import Literal, Union
 
 import torch
 from torch import nn
 
 Schedule = Literal["cosine", "linear", "constant"]
-OptimizerName = Literal["adamw", "paged_adamw_8bit"]
+BuiltInOptimizer = Literal["auto", "adamw", "adamw_kahan", "adamw_8bit", "paged_adamw_8bit"]
+OptimizerName = Union[BuiltInOptimizer, str]  # a str: the import path of an Optimizer class
 
 
 def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -34,15 +36,44 @@ def build_adamw(model: nn.Module, learning_rate: float, weight_decay: float, bet
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=on_gpu or None)
 
 
-def build_optimizer(name: OptimizerName, model: nn.Module, learning_rate: float, weight_decay: float):
-    """``adamw`` (:func:`build_adamw`) or ``paged_adamw_8bit`` (bitsandbytes: 8-bit states in paged memory that
-    spills to the CPU under pressure), both over :func:`decay_groups`."""
+def build_optimizer(name: str, model: nn.Module, learning_rate: float, weight_decay: float):
+    """The optimizer ``name`` over :func:`decay_groups` (resolve ``auto`` first, see ``model/precision.py``).
+
+    ``adamw``: torch's (fused on GPU). ``adamw_kahan``: torch-optimi's AdamW with Kahan-compensated updates, so bf16
+    weights lose no update smaller than their rounding step. ``adamw_8bit`` / ``paged_adamw_8bit``: bitsandbytes'
+    8-bit states (paged: spills to the CPU under memory pressure). Else the import path of an optimizer class,
+    called as ``cls(param_groups, lr=learning_rate)``.
+    """
+    groups = [group for group in decay_groups(model, weight_decay) if group["params"]]
     if name == "adamw":
         return build_adamw(model, learning_rate, weight_decay)
-    from bitsandbytes.optim import PagedAdamW8bit
+    if name == "adamw_kahan":
+        import optimi
 
-    groups = [group for group in decay_groups(model, weight_decay) if group["params"]]
-    return PagedAdamW8bit(groups, lr=learning_rate, betas=(0.9, 0.999), eps=1e-8)
+        return optimi.AdamW(groups, lr=learning_rate, betas=(0.9, 0.999), eps=1e-8, kahan_sum=True)
+    if name in ("adamw_8bit", "paged_adamw_8bit"):
+        from bitsandbytes.optim import AdamW8bit, PagedAdamW8bit
+
+        optimizer_class = PagedAdamW8bit if name == "paged_adamw_8bit" else AdamW8bit
+        return optimizer_class(groups, lr=learning_rate, betas=(0.9, 0.999), eps=1e-8)
+    return optimizer_class_of(name)(groups, lr=learning_rate)
+
+
+def optimizer_class_of(path: str) -> type:
+    """The optimizer class at ``path`` (``package.module.Class``), or one clear line."""
+    from lt_posttrain.errors import UserError
+
+    module_name, _, class_name = path.replace(":", ".").rpartition(".")
+    known = "auto, adamw, adamw_kahan, adamw_8bit, paged_adamw_8bit"
+    if not module_name:
+        raise UserError(f"model.optimizer {path!r}: not a known optimizer ({known}) nor an import path package.Class")
+    try:
+        optimizer_class = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as error:
+        raise UserError(f"model.optimizer {path!r}: cannot import it ({error})") from error
+    if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)):
+        raise UserError(f"model.optimizer {path!r}: not a torch.optim.Optimizer subclass")
+    return optimizer_class
 
 
 def warmup_steps_of(total_steps: int, warmup: float) -> int:

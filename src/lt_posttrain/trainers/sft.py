@@ -7,7 +7,7 @@ gradient does not depend on the micro-batch size, the accumulation, packing or t
 """
 
 import math
-from typing import Literal, Optional, Union
+from typing import Literal, Optional, Union, get_args
 
 import lightning as L
 import torch
@@ -17,7 +17,16 @@ from lt_posttrain.model.attention import VARLEN
 from lt_posttrain.model.kernels import FUSED_LOSS, LigerKernels, apply_liger_kernels, fused_loss_parts, require_liger
 from lt_posttrain.model.loading import load_causal_lm, load_tokenizer, resolve_model_path
 from lt_posttrain.model.lora import LoraOptions, apply_lora
-from lt_posttrain.model.optim import OptimizerName, Schedule, build_optimizer, build_schedule, warmup_steps_of
+from lt_posttrain.model.optim import (
+    BuiltInOptimizer,
+    OptimizerName,
+    Schedule,
+    build_optimizer,
+    build_schedule,
+    optimizer_class_of,
+    warmup_steps_of,
+)
+from lt_posttrain.model.precision import lost_update_warning, resolve_optimizer
 from lt_posttrain.model.parameters import describe_parameter_counts
 from lt_posttrain.model.quantization import (
     bitsandbytes_config,
@@ -61,7 +70,10 @@ class SFTModule(L.LightningModule):
         liger: Liger kernels (CUDA): ``true`` for every one the architecture supports, or a mapping
             (:class:`~lt_posttrain.model.kernels.LigerKernels`) of ``rms_norm``, ``rope``, ``swiglu``,
             ``fused_linear_cross_entropy``.
-        optimizer: ``adamw`` (torch) or ``paged_adamw_8bit`` (bitsandbytes, CUDA).
+        optimizer: ``auto`` (default): ``adamw_kahan`` when the trained weights are bf16 (``trainer.precision
+            bf16-true``), so no update rounds away, else ``adamw``; ``adamw`` (torch's, fused on GPU; on bf16 weights
+            it warns that small updates are lost); ``adamw_kahan`` (torch-optimi, Kahan-compensated); ``adamw_8bit``
+            or ``paged_adamw_8bit`` (bitsandbytes, CUDA); or the import path of an optimizer class.
     """
 
     def __init__(
@@ -80,7 +92,7 @@ class SFTModule(L.LightningModule):
         load_in_4bit: bool = False,
         load_in_8bit: bool = False,
         liger: Union[bool, LigerKernels] = False,
-        optimizer: OptimizerName = "adamw",
+        optimizer: OptimizerName = "auto",
     ):
         super().__init__()
         self.save_hyperparameters()  # as given: the CLI passes mappings where the signature says dataclass
@@ -91,8 +103,10 @@ class SFTModule(L.LightningModule):
         check_quantization(load_in_4bit, load_in_8bit, lora)
         if liger:
             require_liger()
-        if optimizer == "paged_adamw_8bit":
-            require_bitsandbytes("model.optimizer paged_adamw_8bit")
+        if optimizer in ("adamw_8bit", "paged_adamw_8bit"):
+            require_bitsandbytes(f"model.optimizer {optimizer}")
+        elif optimizer not in get_args(BuiltInOptimizer):
+            optimizer_class_of(optimizer)  # a wrong import path fails now
         self.tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
         self.model = None
         self.liger_kernels: list[str] = []
@@ -238,7 +252,12 @@ class SFTModule(L.LightningModule):
     # -- optimisation -------------------------------------------------------------------------------------------
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = build_optimizer(hp.optimizer, self.model, hp.learning_rate, hp.weight_decay)
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        name = resolve_optimizer(hp.optimizer, self.model, strategy)
+        warning = lost_update_warning(name, self.model, hp.learning_rate, strategy)
+        if warning:
+            rank_zero_warn(warning)
+        optimizer = build_optimizer(name, self.model, hp.learning_rate, hp.weight_decay)
         total = self.total_optimizer_steps()
         scheduler = build_schedule(optimizer, hp.schedule, warmup_steps_of(total, hp.warmup), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

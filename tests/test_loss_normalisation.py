@@ -2,9 +2,6 @@
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -12,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from cli_runs import fit, logged_losses
 from conftest import gsm8k_chats, write_jsonl
 from grad_capture import GradCapture
 from lt_posttrain import InstructDataModule, SFTModule
@@ -104,28 +102,44 @@ def test_logged_train_loss_is_the_token_weighted_mean(uneven_data, tiny_model_di
     assert logged and logged[0] == pytest.approx(sums / count, rel=1e-5)
 
 
+def cli_fit_args(model_dir, data, devices: int, batch_size: int, max_steps: int, root: Path) -> list[str]:
+    """A ``fit`` on ``devices`` gloo ranks (one process when 1) with micro-batches of ``batch_size`` per rank."""
+    return [
+        f"--model.name_or_path={model_dir}", f"--data.sources=[{data}]", f"--data.batch_size={batch_size}",
+        "--data.max_length=512", "--trainer.accelerator=cpu", f"--trainer.devices={devices}",
+        "--trainer.strategy=ddp" if devices > 1 else "--trainer.strategy=auto", f"--trainer.max_steps={max_steps}",
+        "--trainer.max_epochs=-1", "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
+        "--checkpoint.save_end_of_training=false", f"--trainer.default_root_dir={root}",
+    ]  # fmt: skip
+
+
 def test_two_process_ddp_matches_one_process(uneven_data, tiny_model_dir, tmp_path):
     """Two gloo ranks with micro-batch 2 give the gradients of one process with micro-batch 4 (real CLI runs)."""
-    tests_dir = Path(__file__).parent
 
     def cli_grads(devices: int, batch_size: int) -> dict:
         path = tmp_path / f"grads-{devices}.pt"
-        command = [
-            sys.executable, "-m", "lt_posttrain.cli", "fit",
-            f"--model.name_or_path={tiny_model_dir}", f"--data.sources=[{uneven_data}]",
-            f"--data.batch_size={batch_size}", "--data.max_length=512", "--trainer.accelerator=cpu",
-            f"--trainer.devices={devices}", "--trainer.strategy=ddp" if devices > 1 else "--trainer.strategy=auto",
-            "--trainer.max_steps=1", "--trainer.logger=false", "--trainer.enable_checkpointing=false",
-            "--trainer.enable_progress_bar=false", "--checkpoint.save_end_of_training=false",
-            "--trainer.callbacks+=grad_capture.GradCapture", f"--trainer.callbacks.path={path}",
-            f"--trainer.default_root_dir={tmp_path}",
-        ]  # fmt: skip
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests_dir), os.environ.get("PYTHONPATH", "")])}
-        result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
+        fit(tmp_path, *cli_fit_args(tiny_model_dir, uneven_data, devices, batch_size, 1, tmp_path),
+            "--trainer.logger=false", "--trainer.callbacks+=grad_capture.GradCapture",
+            f"--trainer.callbacks.path={path}")  # fmt: skip
         return torch.load(path)
 
     assert_same_grads(cli_grads(1, 4), cli_grads(2, 2))
+
+
+def test_two_process_ddp_logs_the_per_step_losses_of_one_process(uneven_data, tiny_model_dir, tmp_path):
+    """Three optimizer steps (three epochs of the four uneven chats): two gloo ranks with micro-batch 2 log the
+    losses of one process with micro-batch 4, so the updates between the steps agree too."""
+
+    def cli_losses(devices: int, batch_size: int) -> list[float]:
+        logs = tmp_path / f"logs-{devices}"
+        fit(tmp_path, *cli_fit_args(tiny_model_dir, uneven_data, devices, batch_size, 3, tmp_path),
+            "--model.learning_rate=1e-3", "--trainer.logger=CSVLogger", f"--trainer.logger.save_dir={logs}",
+            "--trainer.log_every_n_steps=1")  # fmt: skip
+        return logged_losses(logs)
+
+    one, two = cli_losses(1, 4), cli_losses(2, 2)
+    assert len(one) == 3 and one[2] < one[0]  # it trains: the same updates are what make the later steps agree
+    assert two == pytest.approx(one, rel=1e-5)
 
 
 def test_sample_weights_scale_losses_but_not_the_normaliser(uneven_data, tiny_model_dir, tmp_path):

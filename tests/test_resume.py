@@ -1,24 +1,22 @@
 """Exact resume: a run killed at any point and resumed with ``--ckpt_path last`` logs the losses of a run never
 stopped; checkpoints are complete, kept to the last K, read weights-only, and never left half-written."""
 
-import csv
-import os
-import resource
-import subprocess
-import sys
+import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-import yaml
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from conftest import gsm8k_chats, write_jsonl
+from lt_posttrain.callbacks.random_state import capture_random_states, restore_random_states
+from lt_posttrain.cli import main
 from lt_posttrain.data.plan import PlanSampler, plan_epoch
 from lt_posttrain.errors import UserError
+from recipe_runs import epochs_of, failing_here, fit_args, fit_in_own_process, logged, write_recipe
 from test_cli import assert_one_line_error
 
-TESTS = Path(__file__).parent
 SIGKILL_STATUS = -9
 
 
@@ -68,7 +66,11 @@ def test_plan_sampler_state_between_epochs_is_the_start_of_the_new_one():
 
 @pytest.mark.parametrize(
     "change,named",
-    [({"batch_size": 3}, "data.batch_size 2, now 3"), ({"seed": 6}, "data.seed 5, now 6"), ({"world_size": 2}, "ranks 1")],
+    [
+        ({"batch_size": 3}, "data.batch_size 2, now 3"),
+        ({"seed": 6}, "data.seed 5, now 6"),
+        ({"world_size": 2}, "ranks 1, now 2"),
+    ],
 )
 def test_plan_sampler_refuses_the_state_of_another_plan(change, named):
     rows, loss_counts = make_rows(30)
@@ -110,12 +112,28 @@ class RowsOf:
         return micro_batch.rows
 
 
+# ---------------------------------------------------------------- random states
+
+
+def test_random_states_survive_a_weights_only_round_trip(tmp_path):
+    def draw():
+        return random.random(), float(np.random.rand()), torch.rand(3).tolist()
+
+    torch.manual_seed(1), np.random.seed(1), random.seed(1)
+    draw()
+    torch.save({"states": capture_random_states()}, tmp_path / "states.pt")
+    expected = draw()
+    draw()
+    restore_random_states(torch.load(tmp_path / "states.pt", weights_only=True)["states"])
+    assert draw() == expected
+
+
 # ---------------------------------------------------------------- killed and resumed through the command line
 
 
 @pytest.fixture(scope="module")
 def chats(tmp_path_factory) -> Path:
-    return write_jsonl(tmp_path_factory.mktemp("chats") / "gsm8k.jsonl", gsm8k_chats(24))
+    return write_jsonl(tmp_path_factory.mktemp("chats") / "gsm8k.jsonl", gsm8k_chats(16))
 
 
 @pytest.fixture(scope="module")
@@ -129,62 +147,16 @@ def dropout_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
     return folder
 
 
-def write_recipe(path: Path, model_dir: Path, chats: Path, **sections) -> Path:
-    recipe = {
-        "seed_everything": 0,
-        "model": {"name_or_path": str(model_dir), "learning_rate": 1e-3, "warmup": 2},
-        "data": {"sources": [str(chats)], "max_length": 320, "batch_size": 1, "packing": True, "shuffle": True},
-        "trainer": {"accelerator": "cpu", "accumulate_grad_batches": 2, "log_every_n_steps": 1,
-                    "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0},
-        "checkpoint": {"save_end_of_training": False},
-    }  # fmt: skip
-    for section, values in sections.items():
-        recipe[section] = {**recipe.get(section, {}), **values}
-    path.write_text(yaml.safe_dump(recipe))
-    return path
-
-
-def fit(recipe: Path, root: Path, name: str, *args, limit_file_size: int = 0) -> subprocess.CompletedProcess:
-    """``lt-posttrain fit`` in a process of its own, logging to ``root/name`` (CSV, flushed every step); the test
-    helpers (``kill_at_step``) are importable; ``limit_file_size`` caps the size of any file it writes (bytes)."""
-
-    def cap_file_size():
-        if limit_file_size:
-            resource.setrlimit(resource.RLIMIT_FSIZE, (limit_file_size, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-
-    command = [
-        sys.executable, "-m", "lt_posttrain.cli", "fit", "--config", str(recipe), "--trainer.default_root_dir",
-        str(root), "--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", str(root), "--trainer.logger.name",
-        name, "--trainer.logger.flush_logs_every_n_steps", "1", *map(str, args),
-    ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run(command, capture_output=True, text=True, timeout=900, env=env, preexec_fn=cap_file_size)
-
-
-def logged(root: Path, name: str, column: str = "train/loss") -> dict[int, float]:
-    """``{step: value}`` of ``column`` in the run's ``metrics.csv`` (Lightning logs step k + 1 as step k); empty if
-    the run logged nothing."""
-    path = root / name / "version_0" / "metrics.csv"
-    if not path.exists():
-        return {}
-    rows = csv.DictReader(path.open())
-    return {int(row["step"]): float(row[column]) for row in rows if row.get(column)}
-
-
-def epochs_of(root: Path, name: str) -> dict[int, int]:
-    rows = csv.DictReader((root / name / "version_0" / "metrics.csv").open())
-    return {int(row["step"]): int(row["epoch"]) for row in rows if row.get("train/loss")}
-
-
 def test_killed_and_resumed_runs_log_the_losses_of_an_uninterrupted_one(tmp_path, dropout_model_dir, chats):
     """Packing, shuffling, accumulation, dropout and validation on; killed with SIGKILL at the end of an epoch, right
-    after a resume, and in the middle of an epoch. Every loss any run logs equals the uninterrupted run's."""
+    after a resume, and in the middle of an epoch, each run in a process of its own. Every loss any run logs equals
+    the uninterrupted run's."""
     recipe = write_recipe(
         tmp_path / "recipe.yaml", dropout_model_dir, chats, model={"attn_implementation": "sdpa"},
         data={"val_fraction": 0.125}, trainer={"max_epochs": 2, "val_check_interval": 6},
         training_state={"every_n_steps": 1, "keep_last": 2},
     )  # fmt: skip
-    result = fit(recipe, tmp_path / "uninterrupted", "run")
+    result = fit_in_own_process(recipe, tmp_path / "uninterrupted", "run", "--trainer.enable_checkpointing", "false")
     assert result.returncode == 0, result.stderr[-3000:]
     expected = logged(tmp_path / "uninterrupted", "run")
     epochs = epochs_of(tmp_path / "uninterrupted", "run")
@@ -198,9 +170,9 @@ def test_killed_and_resumed_runs_log_the_losses_of_an_uninterrupted_one(tmp_path
     for name, dies_after, resume in [("first", end_of_epoch + 1, False), ("second", end_of_epoch + 1, True),
                                      ("third", middle_of_epoch + 1, True)]:  # fmt: skip
         kill = ["--trainer.callbacks+=kill_at_step.KillAtStep", f"--trainer.callbacks.step={dies_after}"]
-        result = fit(recipe, root, name, *kill, *(["--ckpt_path", "last"] if resume else []))
+        result = fit_in_own_process(recipe, root, name, *kill, *(["--ckpt_path", "last"] if resume else []))
         assert result.returncode == SIGKILL_STATUS, result.stderr[-3000:]
-    result = fit(recipe, root, "last", "--ckpt_path", "last")
+    result = fit_in_own_process(recipe, root, "last", "--ckpt_path", "last")
     assert result.returncode == 0, result.stderr[-3000:]
 
     runs = {name: logged(root, name) for name in ("first", "second", "third", "last")}
@@ -221,8 +193,7 @@ def finished_run(tmp_path_factory, tiny_model_dir, chats) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("finished")
     recipe = write_recipe(root / "recipe.yaml", tiny_model_dir, chats, trainer={"max_steps": 5},
                           training_state={"every_n_steps": 2, "keep_last": 2})  # fmt: skip
-    result = fit(recipe, root, "run")
-    assert result.returncode == 0, result.stderr[-3000:]
+    main(fit_args(recipe, root, "run"))
     return recipe, root
 
 
@@ -253,14 +224,15 @@ def test_a_failed_checkpoint_write_leaves_the_previous_ones_loadable(finished_ru
     recipe, root = finished_run
     folder = root / "checkpoints"
     before = {path.name: path.read_bytes() for path in folder.iterdir()}
-    result = fit(recipe, root, "full-disk", "--trainer.max_steps", "4", "--training_state.every_n_steps", "4",
-                 limit_file_size=4 * 2**20)  # fmt: skip
+    result = fit_in_own_process(recipe, root, "full-disk", "--trainer.max_steps", "4",
+                                "--training_state.every_n_steps", "4", limit_file_size=4 * 2**20)  # fmt: skip
     assert_one_line_error(result, "cannot write checkpoint", "step-4.ckpt", "File too large", "intact")
     assert {path.name: path.read_bytes() for path in folder.iterdir()} == before  # no partial file either
     assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 5
 
 
-def test_resuming_with_other_batching_is_refused(finished_run):
+def test_resuming_with_other_batching_is_refused(finished_run, capsys):
     recipe, root = finished_run
-    result = fit(recipe, root, "other-batching", "--ckpt_path", "last", "--data.batch_size", "2")
+    resume = ("--ckpt_path", "last", "--data.batch_size", 2)
+    result = failing_here(capsys, *fit_args(recipe, root, "other-batching", *resume))
     assert_one_line_error(result, "another data plan", "data.batch_size 1, now 2")

@@ -19,6 +19,7 @@ from lt_posttrain.cli_errors import ConfigError, explain_parser_error, find_user
 from lt_posttrain.data.datamodule import InstructDataModule
 from lt_posttrain.folders import check_writable
 from lt_posttrain.plugins.short_names import expand_short_names
+from lt_posttrain.strategies import check_strategy, prepare_strategy
 from lt_posttrain.trainers.sft import SFTModule
 
 TRAINER_DEFAULTS = {"max_epochs": 1}
@@ -73,10 +74,16 @@ class PostTrainCLI(LightningCLI):
         if self.trainer.is_global_zero:
             check_writable(self.trainer.default_root_dir, "trainer.default_root_dir")
             if self.trainer.log_dir:
-                check_writable(self.trainer.log_dir, "the log folder", "set trainer.logger's save_dir to another folder")
+                check_writable(self.trainer.log_dir, "the log folder", "set trainer.logger's save_dir elsewhere")
+
+    def before_instantiate_classes(self) -> None:
+        """A strategy that cannot run here (DeepSpeed not installed, no GPU, ...) is one line before anything loads."""
+        subcommand = self.config.get("subcommand")
+        check_strategy((self.config[subcommand] if subcommand else self.config).get("trainer"))
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
+        prepare_strategy(self.trainer.strategy, micro_batch_size=getattr(self.datamodule, "batch_size", 1))
         connect = getattr(self.datamodule, "connect", None)
         if connect is not None and getattr(self.model, "tokenizer", None) is not None:
             connect(self.model.tokenizer)

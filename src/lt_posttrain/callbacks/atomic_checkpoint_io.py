@@ -1,4 +1,4 @@
-"""``AtomicCheckpointIO``: Lightning checkpoints written whole or not at all, and read back as tensors and plain values."""
+"""``AtomicCheckpointIO``: Lightning checkpoints written whole or not at all, and read as tensors and plain values."""
 
 import os
 import pickle

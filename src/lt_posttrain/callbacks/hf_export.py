@@ -1,13 +1,14 @@
 """``HFCheckpoint``: the Hugging Face model written at the end of training and, optionally, every N steps."""
 
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
 from lt_posttrain.model.export import export_hf
 from lt_posttrain.model.lora import is_peft_model
+from lt_posttrain.model.sharding import gather_state_dict
 
 
 class HFCheckpoint(L.Callback):
@@ -20,6 +21,12 @@ class HFCheckpoint(L.Callback):
         save_every_n_steps: also write one every N optimizer steps (0: never).
         merge_lora: with ``model.lora``, write a plain Hugging Face model (the base with the adapter merged in)
             instead of the PEFT adapter folder.
+        max_shard_size: the largest safetensors file of a model export (``"5GB"``, or bytes); larger models are
+            split into numbered files with an index, as on the Hugging Face hub.
+
+    Under DeepSpeed ZeRO-3 and FSDP the weights are gathered from their shards first (every rank takes part; rank 0
+    alone writes): ZeRO-3 gathers one layer at a time into 16-bit tensors on rank 0's CPU, so no GPU ever holds the
+    whole model; a LoRA export gathers the adapter's weights only.
     """
 
     def __init__(
@@ -28,11 +35,13 @@ class HFCheckpoint(L.Callback):
         save_end_of_training: bool = True,
         save_every_n_steps: int = 0,
         merge_lora: bool = False,
+        max_shard_size: Union[int, str] = "5GB",
     ):
         self.output_dir = output_dir
         self.save_end_of_training = save_end_of_training
         self.save_every_n_steps = save_every_n_steps
         self.merge_lora = merge_lora
+        self.max_shard_size = max_shard_size
         self._last_step_saved = -1
 
     def resolved_output_dir(self, trainer: L.Trainer) -> Path:
@@ -41,9 +50,11 @@ class HFCheckpoint(L.Callback):
         return Path(trainer.log_dir or trainer.default_root_dir) / "hf_model"
 
     def _export(self, trainer: L.Trainer, module: L.LightningModule, folder: Path) -> None:
+        state_dict = gather_state_dict(trainer.strategy, trainable_only=is_peft_model(module.model))
         if trainer.is_global_zero:
             trust_remote_code = bool(getattr(module, "hparams", {}).get("trust_remote_code", False))
-            export_hf(module.model, module.tokenizer, folder, self.merge_lora, trust_remote_code)
+            export_hf(module.model, module.tokenizer, folder, self.merge_lora, trust_remote_code, state_dict,
+                      self.max_shard_size)  # fmt: skip
         trainer.strategy.barrier("hf_export")
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:

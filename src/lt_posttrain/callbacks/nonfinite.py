@@ -18,8 +18,9 @@ class NonFiniteLossGuard(L.Callback):
 
     - ``stop``: ends the run with one line. The weights are not updated and no checkpoint is written, so the last
       checkpoint stays the last good one (``--ckpt_path last`` resumes from it).
-    - ``skip``: drops the step's update (gradients cleared; the learning-rate schedule moves on), warns, and counts
-      it in ``train/skipped_steps`` (logged every step in this mode). Not with DeepSpeed, which keeps the gradients itself.
+    - ``skip``: drops the step's update (gradients cleared; the learning-rate schedule moves on), says so, and counts
+      it in ``train/skipped_steps`` (logged every step in this mode). Not with DeepSpeed, which keeps the gradients
+      itself.
 
     Args:
         action: ``stop`` or ``skip``.
@@ -58,7 +59,9 @@ class NonFiniteLossGuard(L.Callback):
             parameter.grad = None
         self.skipped_steps += 1
         pl_module.log("train/skipped_steps", float(self.skipped_steps))
-        rank_zero_info(f"the loss of optimizer step {step} is NaN or infinite: update skipped ({self.skipped_steps} so far)")
+        rank_zero_info(
+            f"the loss of optimizer step {step} is NaN or infinite: update skipped ({self.skipped_steps} so far)"
+        )
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.skipped_steps:

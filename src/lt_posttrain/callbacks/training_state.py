@@ -75,7 +75,8 @@ class TrainingStateCheckpoint(ModelCheckpoint):
         last = folder / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
         if last.exists():
             return {str(last)}
-        steps = [(int(match.group(1)), path) for path in _files(folder) if (match := _STEP_FILE.match(path.name))]
+        entries = folder.iterdir() if folder.is_dir() else ()  # files, or folders for sharded checkpoints
+        steps = [(int(match.group(1)), path) for path in entries if (match := _STEP_FILE.match(path.name))]
         return {str(max(steps)[1])} if steps else set()
 
     @staticmethod
@@ -104,10 +105,6 @@ class TrainingStateCheckpoint(ModelCheckpoint):
             candidates = self._monitor_candidates(trainer)
             self._save_topk_checkpoint(trainer, candidates)
             self._save_last_checkpoint(trainer, candidates)
-
-
-def _files(folder: Path) -> list[Path]:
-    return [path for path in folder.iterdir() if path.is_file()] if folder.is_dir() else []
 
 
 def _start_the_epoch_after_an_epoch_end_checkpoint(trainer: L.Trainer) -> None:

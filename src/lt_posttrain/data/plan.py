@@ -69,7 +69,8 @@ def plan_epoch(
 
 _PLAN_NAMES = {
     "rows": "training rows", "loss_tokens": "loss tokens", "batch_size": "data.batch_size",
-    "accumulate": "trainer.accumulate_grad_batches", "world_size": "ranks", "shuffle": "data.shuffle", "seed": "data.seed",
+    "accumulate": "trainer.accumulate_grad_batches", "world_size": "ranks", "shuffle": "data.shuffle",
+    "seed": "data.seed",
 }  # fmt: skip
 
 

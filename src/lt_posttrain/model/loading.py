@@ -39,7 +39,8 @@ def resolve_model_path(name_or_path: str) -> str:
     path = Path(name_or_path).expanduser()
     if path.exists():
         return str(path)
-    if _HUB_ID.match(name_or_path) and not name_or_path.endswith(".gguf"):
+    looks_local = name_or_path.startswith((".", "~", "/")) or name_or_path.endswith(".gguf")
+    if _HUB_ID.match(name_or_path) and not looks_local:
         return name_or_path
     raise UserError(
         f"model.name_or_path {name_or_path!r}: no such file or folder, and not a hub id like 'org/name' "

@@ -70,9 +70,11 @@ def is_peft_model(model) -> bool:
     return any(cls.__module__.startswith("peft.") for cls in type(model).__mro__)
 
 
-def merged_lora_model(model, trust_remote_code: bool = False):
+def merged_lora_model(model, trust_remote_code: bool = False, state_dict: Optional[dict] = None):
     """A plain Hugging Face model on the CPU: the base reloaded from its source (in its own dtype, never quantized)
-    with ``model``'s adapters merged in. ``model`` itself is left untouched, so training can go on."""
+    with ``model``'s adapters merged in. ``model`` itself is left untouched, so training can go on. ``state_dict``
+    (keyed as ``model.state_dict()``, the adapter's weights at least) stands in for ``model``'s own weights when
+    those are sharded."""
     from transformers import AutoModelForCausalLM
 
     peft = _peft()
@@ -83,8 +85,7 @@ def merged_lora_model(model, trust_remote_code: bool = False):
         config.base_model_name_or_path, dtype="auto", trust_remote_code=trust_remote_code
     )
     adapted = peft.get_peft_model(base, copy.deepcopy(config))
-    state = {
-        key: value.detach().to("cpu", torch.float32) for key, value in peft.get_peft_model_state_dict(model).items()
-    }
+    adapter = peft.get_peft_model_state_dict(model, state_dict)
+    state = {key: value.detach().to("cpu", torch.float32) for key, value in adapter.items()}
     peft.set_peft_model_state_dict(adapted, state)
     return adapted.merge_and_unload()

@@ -4,10 +4,11 @@ from torch import nn
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
-    """``(trainable, total)`` parameter counts; a 4-bit weight counts every value it packs, not its bytes."""
+    """``(trainable, total)`` parameter counts; a 4-bit weight counts every value it packs, not its bytes, and a
+    DeepSpeed ZeRO-3 partitioned weight its full size."""
     trainable = total = 0
     for parameter in model.parameters():
-        count = parameter.numel()
+        count = getattr(parameter, "ds_numel", None) or parameter.numel()
         if type(parameter).__name__ == "Params4bit":  # bitsandbytes packs two 4-bit values per byte of storage
             count *= 2 * parameter.element_size()
         total += count

@@ -35,6 +35,7 @@ from lt_posttrain.model.quantization import (
     prepare_quantized_for_training,
     require_bitsandbytes,
 )
+from lt_posttrain.model.sharding import fit_to_strategy, sharded_creation
 from lt_posttrain.trainers.losses import (
     fused_linear_cross_entropy_sum,
     fused_loss_weighs_tokens,
@@ -126,14 +127,17 @@ class SFTModule(L.LightningModule):
         if self.model is not None:
             return
         hp = self.hparams
-        model = self.build_model()
-        self.liger_kernels = apply_liger_kernels(model, self.liger) if self.liger else []
-        if is_quantized(model):
-            model = prepare_quantized_for_training(model, hp.gradient_checkpointing)
-        elif hp.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if self.lora is not None:
-            model = apply_lora(model, self.lora)
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        with sharded_creation(strategy):  # ZeRO-3: the weights load straight into their partitions
+            model = self.build_model()
+            self.liger_kernels = apply_liger_kernels(model, self.liger) if self.liger else []
+            if is_quantized(model):
+                model = prepare_quantized_for_training(model, hp.gradient_checkpointing)
+            elif hp.gradient_checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if self.lora is not None:
+                model = apply_lora(model, self.lora)
+        fit_to_strategy(model, strategy, FUSED_LOSS in self.liger_kernels)  # ZeRO-3's LoRA init, FSDP's wrapping
         if FUSED_LOSS in self.liger_kernels:
             fused_loss_parts(model)  # refuses now a head the fused loss cannot use
         if self.liger_kernels:
@@ -185,10 +189,18 @@ class SFTModule(L.LightningModule):
     def _sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
         return self.trainer.strategy.reduce(value, reduce_op="sum")
 
-    def on_train_epoch_start(self) -> None:
+    def on_train_start(self) -> None:  # not on_train_epoch_start: Lightning skips it when resuming mid-epoch
         self._step_stats = torch.zeros(2, device=self.device)  # [loss of this step so far, input tokens]
-        if not hasattr(self, "_tokens_seen"):
-            self._tokens_seen = torch.zeros((), device=self.device, dtype=torch.float64)
+        tokens_seen = getattr(self, "_tokens_seen", torch.zeros((), dtype=torch.float64))  # restored on resume
+        self._tokens_seen = tokens_seen.to(self.device)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if hasattr(self, "_tokens_seen"):
+            checkpoint["tokens_seen"] = float(self._tokens_seen)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "tokens_seen" in checkpoint:
+            self._tokens_seen = torch.tensor(checkpoint["tokens_seen"], dtype=torch.float64)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         step_loss_count = self._sum_over_ranks(batch["step_loss_count"].clone()).clamp(min=1)

@@ -1,0 +1,132 @@
+"""A model whose weights are split across ranks (DeepSpeed ZeRO-3, FSDP): created straight into its shards, fitted
+to the strategy once built, and gathered back whole for the Hugging Face export."""
+
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
+
+import torch
+
+from lt_posttrain.errors import UserError
+from lt_posttrain.model.export import submodule_state_dict
+
+
+def zero3_config(strategy: Any) -> Optional[dict]:
+    """The DeepSpeed config of ``strategy`` if it partitions the weights (ZeRO stage 3), else None."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    if isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:
+        return strategy.config
+    return None
+
+
+def is_fsdp(strategy: Any) -> bool:
+    """Whether ``strategy`` is Lightning's FSDP (weights, gradients and optimizer states sharded)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return isinstance(strategy, FSDPStrategy)
+
+
+@contextmanager
+def sharded_creation(strategy: Any) -> Iterator[None]:
+    """Around model creation (loading, LoRA): under ZeRO-3, ``from_pretrained`` loads each weight straight into its
+    partition (no rank holds the whole model) and PEFT gathers partitioned weights where it reads them. Both look for
+    a live ``HfDeepSpeedConfig``, which Lightning does not create and transformers only weakly references: this holds
+    one. It is dropped on exit, since while it lives every ``from_pretrained`` partitions (the CPU reload of
+    ``checkpoint.merge_lora`` too). Under other strategies it does nothing.
+
+    Args:
+        strategy: the trainer's strategy (None outside a trainer).
+    """
+    config = zero3_config(strategy)
+    if config is None:
+        yield
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    alive = HfDeepSpeedConfig(config)
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del alive
+
+
+def fit_to_strategy(model: torch.nn.Module, strategy: Any, fused_loss: bool = False) -> None:
+    """What a sharding strategy needs of a built model (LoRA applied):
+
+    - ZeRO-3: LoRA's B matrices zeroed in their partitions (:func:`zero_lora_b`);
+    - FSDP: each decoder layer its own FSDP unit (:func:`wrap_decoder_layers`), unless ``auto_wrap_policy`` is given.
+
+    Args:
+        model: the Hugging Face (or PEFT) model.
+        strategy: the trainer's strategy (None outside a trainer).
+        fused_loss: Liger's fused linear cross-entropy is on.
+
+    Raises:
+        UserError: the fused loss under ZeRO-3 or FSDP: it reads the output head's weight outside the head's own
+            forward, where both keep it sharded.
+    """
+    sharded = zero3_config(strategy) is not None or is_fsdp(strategy)
+    if fused_loss and sharded:
+        raise UserError(
+            "model.liger: fused_linear_cross_entropy reads the output head's weight, which DeepSpeed ZeRO-3 and FSDP "
+            "keep sharded; set model.liger.fused_linear_cross_entropy false or use ZeRO-2 or DDP"
+        )
+    if zero3_config(strategy) is not None:
+        zero_lora_b(model)
+    elif is_fsdp(strategy) and "auto_wrap_policy" not in strategy.kwargs:
+        wrap_decoder_layers(strategy, model)
+
+
+def zero_lora_b(model: torch.nn.Module) -> int:
+    """Zero LoRA's B matrices (and biases) of a ZeRO-3 partitioned model, so the adapters start as the identity.
+
+    PEFT initialises B to zero, but under ``deepspeed.zero.Init`` a new layer's weight is already partitioned into
+    an empty tensor by then, and zeroing that changes nothing: the adapters would start random and change the model.
+    Returns the number of tensors zeroed.
+    """
+    import deepspeed
+
+    weights = [p for name, p in model.named_parameters() if ".lora_B." in name and hasattr(p, "ds_id")]
+    if weights:
+        with deepspeed.zero.GatheredParameters(weights, modifier_rank=0), torch.no_grad():
+            for weight in weights:
+                weight.zero_()
+    return len(weights)
+
+
+def wrap_decoder_layers(strategy: Any, model: torch.nn.Module) -> None:
+    """Set ``strategy``'s FSDP wrap policy to the model's decoder-layer classes (its ``_no_split_modules``), so
+    that FSDP gathers one layer at a time; without a policy, FSDP makes the whole model one unit and gathers every
+    weight at once on each GPU."""
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    layers = {type(module) for module in model.modules() if type(module).__name__ in names}
+    if layers:
+        strategy.kwargs["auto_wrap_policy"] = ModuleWrapPolicy(layers)
+
+
+def gather_state_dict(strategy: Any, trainable_only: bool = False) -> Optional[dict]:
+    """The Hugging Face model's weights (the ``model`` attribute of the LightningModule) gathered whole from their
+    shards, keyed as the model's own ``state_dict``: on rank 0 the weights (ZeRO-3: in 16 bits, one layer gathered at
+    a time; FSDP: gathered on the CPU), elsewhere an empty dict. None when ``strategy`` does not shard the weights (the
+    model's own state is whole then). Every rank must call it.
+
+    Args:
+        strategy: the trainer's strategy, set up (its ``model`` is the DeepSpeed engine or the FSDP module).
+        trainable_only: under ZeRO-3, keep only the trainable weights (all a LoRA adapter export needs).
+    """
+    if zero3_config(strategy) is not None:
+        engine = strategy.deepspeed_engine
+        state = engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=trainable_only)
+    elif is_fsdp(strategy):  # what Lightning's full checkpoints do, whatever the strategy's state_dict_type
+        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        whole = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
+        with FSDP.state_dict_type(strategy.model, StateDictType.FULL_STATE_DICT, whole):
+            state = strategy.model.state_dict()
+    else:
+        return None
+    return submodule_state_dict(state or {}, "model")

@@ -1,0 +1,203 @@
+"""The distributed strategy of a recipe (``trainer.strategy``): what DeepSpeed and FSDP need, checked in one line
+before anything loads, and the DeepSpeed settings this framework's training loop relies on.
+
+Lightning's names work unchanged (``ddp``, ``deepspeed_stage_1``, ``deepspeed_stage_2``,
+``deepspeed_stage_2_offload``, ``deepspeed_stage_3``, ``deepspeed_stage_3_offload``, ``fsdp``,
+``fsdp_cpu_offload``), and so does a class with its arguments, e.g. a DeepSpeed config file:
+``{class_path: lightning.pytorch.strategies.DeepSpeedStrategy, init_args: {config: ds.json}}``.
+"""
+
+import importlib.util
+import json
+import os
+from typing import Any, Optional
+
+from lt_posttrain.errors import UserError
+
+DEEPSPEED, FSDP = "deepspeed", "fsdp"
+
+
+def _get(section: Any, key: str, default=None):
+    """``section[key]`` of a parsed config section (a dict or a jsonargparse ``Namespace``)."""
+    if section is None:
+        return default
+    if isinstance(section, dict):
+        return section.get(key, default)
+    return getattr(section, key, default)
+
+
+def _strategy_class(strategy: Any) -> Optional[type]:
+    if isinstance(strategy, type):
+        return strategy
+    class_path = _get(strategy, "class_path") if not isinstance(strategy, str) else None
+    if isinstance(class_path, str):
+        module, _, name = class_path.rpartition(".")
+        try:
+            return getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError, ValueError):
+            return None  # the parser has already refused a class path that does not import
+    return type(strategy)
+
+
+def strategy_family(strategy: Any) -> Optional[str]:
+    """``"deepspeed"``, ``"fsdp"``, or None for any other ``trainer.strategy`` value: a registered name, a
+    ``class_path`` mapping, a strategy class or a strategy object."""
+    if isinstance(strategy, str):
+        name = strategy.lower()
+        return DEEPSPEED if name.startswith(DEEPSPEED) else FSDP if name.startswith(FSDP) else None
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    cls = _strategy_class(strategy)
+    if isinstance(cls, type) and issubclass(cls, DeepSpeedStrategy):
+        return DEEPSPEED
+    if isinstance(cls, type) and issubclass(cls, FSDPStrategy):
+        return FSDP
+    return None
+
+
+def _strategy_name(strategy: Any) -> str:
+    if isinstance(strategy, str):
+        return strategy
+    cls = _strategy_class(strategy)
+    return cls.__name__ if isinstance(cls, type) else str(strategy)
+
+
+def check_strategy(trainer: Any) -> None:
+    """Refuse, in one line, a ``trainer`` config section whose strategy cannot run here, before any model or data
+    loads (Lightning would fail later, with a traceback).
+
+    Args:
+        trainer: the ``trainer`` section as parsed (``strategy``, ``accelerator``, ``accumulate_grad_batches``,
+            ``gradient_clip_algorithm``).
+
+    Raises:
+        UserError: DeepSpeed is asked for and not installed; DeepSpeed or FSDP without a CUDA GPU; DeepSpeed with
+            gradient accumulation or clipping by value; a DeepSpeed config that cannot work.
+    """
+    strategy = _get(trainer, "strategy")
+    family = strategy_family(strategy)
+    if family is None:
+        return
+    name = f"trainer.strategy {_strategy_name(strategy)}"
+    if family == DEEPSPEED:
+        if importlib.util.find_spec("deepspeed") is None:
+            raise UserError(f"{name} needs DeepSpeed, which is not installed: pip install 'lt-posttrain[deepspeed]'")
+        _check_deepspeed_options(name, strategy, trainer)
+    _check_accelerator(name, _get(trainer, "accelerator", "auto"))
+
+
+def _check_deepspeed_options(name: str, strategy: Any, trainer: Any) -> None:
+    config = _get(_get(strategy, "init_args"), "config")
+    if config is not None:
+        check_deepspeed_config(config)
+    accumulate = _get(trainer, "accumulate_grad_batches", 1)
+    if isinstance(accumulate, int) and accumulate > 1:
+        raise UserError(
+            f"{name}: trainer.accumulate_grad_batches {accumulate} is not supported with DeepSpeed (Lightning then "
+            "runs the optimizer-step hooks on every micro-batch and divides the loss by the accumulation twice); "
+            "raise data.batch_size or add GPUs instead"
+        )
+    if _get(trainer, "gradient_clip_algorithm") == "value":
+        raise UserError(f"{name}: DeepSpeed clips gradients by norm only; set trainer.gradient_clip_algorithm norm")
+
+
+def _check_accelerator(name: str, accelerator: Any) -> None:
+    if not isinstance(accelerator, str):
+        accelerator = "cpu" if "CPUAccelerator" in str(_get(accelerator, "class_path", type(accelerator))) else "gpu"
+    if accelerator == "cpu":
+        raise UserError(f"{name} runs on CUDA GPUs only, not with trainer.accelerator cpu; on CPU use ddp")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError(f"{name} runs on CUDA GPUs only and none is visible here; on CPU use ddp")
+
+
+def check_deepspeed_config(config: Any) -> dict:
+    """The DeepSpeed config (a path to a JSON file, or a mapping) as a dict, refused in one line if it cannot work
+    with Lightning: a missing or malformed file, ``gradient_accumulation_steps`` (``trainer.accumulate_grad_batches``
+    sets it), Hugging Face Trainer's ``"auto"`` placeholders, which DeepSpeed itself does not read, or a
+    ``zero_optimization`` section DeepSpeed would refuse (a misspelt key, a wrong value)."""
+    where = "the DeepSpeed config"
+    if isinstance(config, (str, os.PathLike)):
+        where = f"DeepSpeed config {os.fspath(config)!r}"
+        try:
+            with open(config) as file:
+                config = json.load(file)
+        except FileNotFoundError:
+            raise UserError(f"trainer.strategy: {where}: no such file") from None
+        except (OSError, ValueError) as error:
+            raise UserError(f"trainer.strategy: {where}: not a readable JSON file ({error})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"trainer.strategy: {where} must be a JSON object of DeepSpeed settings")
+    if "gradient_accumulation_steps" in config:
+        raise UserError(
+            f"trainer.strategy: {where}: remove gradient_accumulation_steps; trainer.accumulate_grad_batches sets it"
+        )
+    placeholders = _auto_keys(config)
+    if placeholders:
+        raise UserError(
+            f'trainer.strategy: {where}: "auto" is a Hugging Face Trainer placeholder that DeepSpeed cannot read '
+            f"({', '.join(placeholders)}); give values or remove these keys"
+        )
+    _check_zero_section(config.get("zero_optimization") or {}, where)
+    return config
+
+
+def _check_zero_section(section: dict, where: str) -> None:
+    """DeepSpeed's own validation of the ``zero_optimization`` section (misspelt keys, wrong values), if installed."""
+    try:
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    except ImportError:
+        return
+    try:
+        DeepSpeedZeroConfig(**section)
+    except ValueError as error:  # pydantic's ValidationError
+        first = error.errors()[0] if hasattr(error, "errors") else {"loc": (), "msg": str(error)}
+        key = ".".join(["zero_optimization", *map(str, first["loc"])])
+        raise UserError(f"trainer.strategy: {where}: {key}: {first['msg']}") from None
+
+
+def _auto_keys(config: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in config.items():
+        if isinstance(value, dict):
+            keys += _auto_keys(value, f"{prefix}{key}.")
+        elif value == "auto":
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def complete_deepspeed_config(config: dict, micro_batch_size: int) -> dict:
+    """``config`` with what this framework needs of DeepSpeed, where it does not say otherwise:
+
+    - ``train_micro_batch_size_per_gpu``: the data's micro-batch size. DeepSpeed uses it for its throughput log;
+      left out, Lightning reads it from the data loader's batch sampler, which planned micro-batches do not have.
+    - ``zero_allow_untested_optimizer: true`` (as Lightning's presets have it): the optimizer comes from
+      ``configure_optimizers``, and DeepSpeed otherwise refuses one it has not tested with ZeRO;
+    - ``zero_force_ds_cpu_optimizer: false`` when the optimizer state is offloaded: ZeRO-Offload otherwise refuses
+      any optimizer but DeepSpeed's compiled CPU Adam.
+
+    A config with its own ``optimizer`` section (DeepSpeed then builds the optimizer) gets neither.
+
+    Args:
+        config: the strategy's DeepSpeed config (not changed).
+        micro_batch_size: samples (or packed rows) per micro-batch and GPU.
+    """
+    config = dict(config)
+    config.setdefault("train_micro_batch_size_per_gpu", micro_batch_size)
+    if "optimizer" in config:
+        return config
+    config.setdefault("zero_allow_untested_optimizer", True)
+    offload = (config.get("zero_optimization") or {}).get("offload_optimizer") or {}
+    if offload.get("device", "none") != "none":
+        config.setdefault("zero_force_ds_cpu_optimizer", False)
+    return config
+
+
+def prepare_strategy(strategy: Any, micro_batch_size: int) -> None:
+    """Complete a DeepSpeed strategy's config (:func:`complete_deepspeed_config`) before training starts; other
+    strategies are left as they are."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    if isinstance(strategy, DeepSpeedStrategy):
+        strategy.config = complete_deepspeed_config(strategy.config, micro_batch_size)

@@ -24,7 +24,8 @@ def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         if not parameter.requires_grad or id(parameter) in seen:
             continue
         seen.add(id(parameter))
-        skip = id(parameter) in no_decay or name.endswith("bias") or parameter.ndim < 2
+        shape = getattr(parameter, "ds_shape", parameter.shape)  # ZeRO-3 partitions are 1-D: their full shape
+        skip = id(parameter) in no_decay or name.endswith("bias") or len(shape) < 2
         (plain if skip else decay).append(parameter)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
 

@@ -127,7 +127,7 @@ class ThroughputMeter(L.Callback):
             return
         self.summary = {"steps": self._measured_steps, "seconds": elapsed,
                         **self._rates(self._total, elapsed, trainer.world_size, module)}  # fmt: skip
-        parts = [f"{self.summary['tokens_per_s']:,.0f} tokens/s", f"{self.summary['tflops']:.1f} model TFLOP/s"]
+        parts = [f"{self.summary['tokens_per_s']:,.0f} tokens/s", f"{self.summary['tflops']:.3g} model TFLOP/s"]
         if "mfu" in self.summary:
             parts.append(f"MFU {100 * self.summary['mfu']:.1f}% of {self._peak / 1e12:.0f} TFLOP/s per device")
         if "peak_gib" in self.summary:

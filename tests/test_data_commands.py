@@ -229,3 +229,16 @@ def test_bad_input_is_one_line(tiny_model_dir, chats_file, tmp_path):
     assert_one_line_error(lt_posttrain("data", "preview", "--config", good, "--num", "-1"), "--num")
     assert_one_line_error(lt_posttrain("data", "preview", "--data.sources", f"[{chats_file}]"), "model.name_or_path")
     assert_one_line_error(lt_posttrain("data", "prepar", "--config", good), "prepar")
+
+
+def test_data_commands_accept_every_section_of_a_fit_recipe(tiny_model_dir, chats_file):
+    """A recipe that ``fit`` accepts is a recipe ``data prepare`` and ``data preview`` accept."""
+    import inspect
+
+    from lt_posttrain.commands.data import prepare, preview
+
+    result = lt_posttrain("fit", "--model.name_or_path", tiny_model_dir, "--data.sources", f"[{chats_file}]", "--print_config")
+    assert result.returncode == 0, result.stderr[-2000:]
+    sections = set(yaml.safe_load(result.stdout)) - {"format"}
+    for command in (prepare, preview):
+        assert sections <= set(inspect.signature(command).parameters), sections - set(inspect.signature(command).parameters)

@@ -42,6 +42,8 @@ def prepare(
     checkpoint: Section = None,
     predictions: Section = None,
     throughput: Section = None,
+    training_state: Section = None,
+    nonfinite_loss: Section = None,
     seed_everything: Union[bool, int] = True,
     optimizer: Union[dict, str, None] = None,
     lr_scheduler: Union[dict, str, None] = None,
@@ -62,7 +64,7 @@ def prepare(
         trainer: accepted so that a ``fit`` recipe can be given unchanged; not used.
         checkpoint: not used (a ``fit`` recipe section).
         predictions: not used (a ``fit`` recipe section).
-        throughput: not used (a ``fit`` recipe section).
+        throughput, training_state, nonfinite_loss: not used (``fit`` recipe sections).
         seed_everything: not used (a ``fit`` recipe key).
         optimizer: not used (a ``fit`` recipe key).
         lr_scheduler: not used (a ``fit`` recipe key).
@@ -84,6 +86,8 @@ def preview(
     checkpoint: Section = None,
     predictions: Section = None,
     throughput: Section = None,
+    training_state: Section = None,
+    nonfinite_loss: Section = None,
     seed_everything: Union[bool, int] = True,
     optimizer: Union[dict, str, None] = None,
     lr_scheduler: Union[dict, str, None] = None,
@@ -104,7 +108,7 @@ def preview(
         trainer: accepted so that a ``fit`` recipe can be given unchanged; not used.
         checkpoint: not used (a ``fit`` recipe section).
         predictions: not used (a ``fit`` recipe section).
-        throughput: not used (a ``fit`` recipe section).
+        throughput, training_state, nonfinite_loss: not used (``fit`` recipe sections).
         seed_everything: not used (a ``fit`` recipe key).
         optimizer: not used (a ``fit`` recipe key).
         lr_scheduler: not used (a ``fit`` recipe key).

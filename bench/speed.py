@@ -47,8 +47,10 @@ def ours(args) -> dict:
     model_dir = work / args.shape
     save_random_model(args.shape, str(anchors.parent / "assets" / "smollm2-tokenizer"), str(model_dir))
     chats = gsm8k_chats(anchors, work / "gsm8k_chats.jsonl")
-    model = {"name_or_path": str(model_dir), "dtype": "bfloat16", "learning_rate": 1e-5, "warmup": 2,
-             "gradient_checkpointing": bool(args.gc), "attn_implementation": args.attention}  # fmt: skip
+    mixed = args.precision == "bf16-mixed"  # fp32 weights and AdamW states, bf16 compute
+    model = {"name_or_path": str(model_dir), "dtype": "float32" if mixed else "bfloat16", "learning_rate": 1e-5,
+             "warmup": 0, "schedule": "constant", "optimizer": args.optimizer, "gradient_checkpointing": bool(args.gc),
+             "attn_implementation": args.attention}  # fmt: skip
     if args.liger:
         model["liger"] = True
     recipe = {
@@ -56,22 +58,30 @@ def ours(args) -> dict:
         "model": model,
         "data": {"sources": [str(chats)], "max_length": args.seq, "batch_size": args.micro_batch, "packing": True,
                  "num_workers": 2, "num_proc": 8},
-        "trainer": {"accelerator": args.accelerator, "devices": 1, "precision": "bf16-true", "max_steps": args.steps,
+        "trainer": {"accelerator": args.accelerator, "devices": 1, "precision": args.precision, "max_steps": args.steps,
                     "gradient_clip_val": 1.0, "logger": False, "enable_progress_bar": False,
                     "enable_checkpointing": False, "log_every_n_steps": 5, "default_root_dir": str(work)},
         "checkpoint": {"save_end_of_training": False},
         "throughput": {"warmup_steps": 5, "peak_tflops": MEASURED_MATMUL_TFLOPS},
     }  # fmt: skip
+    if args.profile:
+        recipe["trainer"]["callbacks"] = [{"class_path": "profile_steps.ProfileSteps",
+                                           "init_args": {"out": args.profile, "first_step": 10, "steps": 3}}]
     start = time.perf_counter()
     cli = run(recipe, "fit")
     [meter] = [callback for callback in cli.trainer.callbacks if isinstance(callback, ThroughputMeter)]
     summary = meter.summary
     return {"system": "lt-posttrain", "arch": args.shape, "liger": bool(args.liger), "grad_ckpt": bool(args.gc),
-            "attention": args.attention, "seq": args.seq, "micro_batch": args.micro_batch, "steps": args.steps,
+            "attention": args.attention, "precision": args.precision, "profiled": bool(args.profile), "optimizer": meter_optimizer(cli), "seq": args.seq, "micro_batch": args.micro_batch, "steps": args.steps,
             "tokens_per_s": round(summary["tokens_per_s"]), "tflops": round(summary["tflops"], 1),
             "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
             "final_loss": round(float(cli.trainer.logged_metrics["train/loss"]), 3),
             "wall_s": round(time.perf_counter() - start, 1)}  # fmt: skip
+
+
+def meter_optimizer(cli) -> str:
+    optimizer = cli.model.optimizers().optimizer
+    return f"{type(optimizer).__module__.split('.')[0]}.{type(optimizer).__name__}"
 
 
 def _run(command: list[str], out: Path, timeout: int) -> None:
@@ -91,8 +101,8 @@ def _run(command: list[str], out: Path, timeout: int) -> None:
         handle.write(json.dumps(result) + "\n")
 
 
-RUNS = ("ours-gc", "ours-nogc", "ours-noliger", "trl-contiguous-liger", "trl-contiguous", "trl-padding-free",
-        "loop-gc", "loop-nogc")
+RUNS = ("ours-gc", "ours-nogc", "ours-noliger", "ours-mixed", "ours-kahan", "ours-stochastic", "ours-profile",
+        "trl-contiguous-liger", "trl-contiguous", "trl-padding-free", "loop-gc", "loop-nogc")
 
 
 def suite(args) -> None:
@@ -105,6 +115,10 @@ def suite(args) -> None:
         loop = [python, str(anchors / "ceiling_probe.py"), shape]
         commands = {
             "ours-gc": mine + ["--liger", "1", "--gc", "1"],
+            "ours-mixed": mine + ["--liger", "1", "--gc", "1", "--precision", "bf16-mixed", "--optimizer", "auto"],
+            "ours-kahan": mine + ["--liger", "1", "--gc", "1", "--optimizer", "adamw_kahan"],
+            "ours-stochastic": mine + ["--liger", "1", "--gc", "1", "--optimizer", "adamw_stochastic"],
+            "ours-profile": mine + ["--liger", "1", "--gc", "1", "--profile", str(out.with_suffix(f".{shape}.profile.txt"))],
             "ours-nogc": mine + ["--liger", "1", "--gc", "0"],
             "ours-noliger": mine + ["--liger", "0", "--gc", "1"],
             "trl-contiguous-liger": trl + ["1", *shape_args, "25", "wrapped"],
@@ -121,28 +135,36 @@ def table(path: str) -> str:
     """Markdown rows of a suite's results: ours first, ratios to TRL contiguous+Liger and to the plain loop with the
     same gradient checkpointing."""
     results = [json.loads(line) for line in open(path) if line.strip()]
-    rows = ["| system | shape | attention | Liger | grad. ckpt | tokens/s | model TFLOP/s | MFU (of 800) | peak GiB "
-            "| vs TRL contiguous+Liger | vs plain loop |", "|" + "---|" * 11]  # fmt: skip
+    rows = ["| system | shape | attention | Liger | grad. ckpt | weights, optimizer | tokens/s | model TFLOP/s "
+            "| MFU (of 800) | peak GiB | loss at the end | vs TRL contiguous+Liger | vs plain loop |",
+            "|" + "---|" * 13]  # fmt: skip
 
     def name(result: dict) -> str:
         if result.get("system") == "trl":
-            return "TRL 1.16 " + ("contiguous chunks (cross-talk)" if result["strategy"] == "wrapped" else "padding-free")
+            return "TRL 1.16 " + ("contiguous chunks" if result["strategy"] == "wrapped" else "padding-free")
         return "plain PyTorch loop" if result.get("probe") == "ceiling" else "lt-posttrain"
 
+    def weights(result: dict) -> str:
+        if result.get("system") != "lt-posttrain":
+            return "bf16, torch AdamW"
+        return f"{'fp32 (bf16-mixed)' if result.get('precision') == 'bf16-mixed' else 'bf16'}, {result.get('optimizer')}"
+
     for arch in dict.fromkeys(result.get("arch") for result in results if "error" not in result):
-        mine = [r for r in results if r.get("arch") == arch and "error" not in r]
+        mine = [r for r in results if r.get("arch") == arch and "error" not in r and not r.get("profiled")]
         trl_liger = next((r for r in mine if r.get("system") == "trl" and r["liger"] and r["strategy"] == "wrapped"), None)
         for result in mine:
             tps, gc = result["tokens_per_s"], result.get("grad_ckpt", True)  # TRL runs with checkpointing
             tflops = result.get("tflops", result.get("model_tflops"))
             peak = result.get("peak_mem_gib", result.get("peak_gib"))
+            loss = result.get("final_loss", result.get("loss_last"))
             loop = next((r for r in mine if r.get("probe") == "ceiling" and r["grad_ckpt"] == gc and r["liger"]), None)
             ratio_trl = f"{tps / trl_liger['tokens_per_s']:.2f}x" if trl_liger else "-"
             ratio_loop = f"{tps / loop['tokens_per_s']:.2f}x" if loop else "-"
             attention = "per sample" if result.get("strategy") != "wrapped" else "across samples"
             rows.append(f"| {name(result)} | {arch} | {attention} | {'yes' if result['liger'] else 'no'} | "
-                        f"{'on' if gc else 'off'} | {tps:,} | {tflops} | {100 * tflops / MEASURED_MATMUL_TFLOPS:.0f}% | "
-                        f"{peak} | {ratio_trl} | {ratio_loop} |")  # fmt: skip
+                        f"{'on' if gc else 'off'} | {weights(result)} | {tps:,} | {tflops} | "
+                        f"{100 * tflops / MEASURED_MATMUL_TFLOPS:.0f}% | {peak} | {loss:.3f} | {ratio_trl} | "
+                        f"{ratio_loop} |")  # fmt: skip
     failed = [r for r in results if "error" in r]
     rows += [f"\nFailed: `{r['command']}`: {r['error']}" for r in failed]
     return "\n".join(rows)
@@ -166,6 +188,9 @@ def main() -> None:
     commands.choices["ours"].add_argument("--gc", type=int, default=1)
     commands.choices["ours"].add_argument("--attention", default="varlen")
     commands.choices["ours"].add_argument("--accelerator", default="gpu", help="cpu: a smoke test of this script")
+    commands.choices["ours"].add_argument("--precision", default="bf16-true")
+    commands.choices["ours"].add_argument("--optimizer", default="adamw", help="adamw: plain bf16 AdamW, as TRL runs")
+    commands.choices["ours"].add_argument("--profile", help="write where the time of steps 10-12 goes to this file")
     commands.add_parser("table").add_argument("results")
     args = parser.parse_args()
     if args.command == "suite":

@@ -7,6 +7,7 @@ import shutil
 from fractions import Fraction
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -127,9 +128,29 @@ def test_a_folder_that_cannot_be_written_fails_before_training(fit, tmp_path, a_
     assert not (tmp_path / "checkpoints").exists()  # failed before any step
 
 
-def test_an_export_folder_that_cannot_be_written_keeps_the_checkpoints(fit, tmp_path, a_file):
-    result = fit("--training_state.every_n_steps", "1", "--checkpoint.output_dir", a_file / "model")
-    assert_one_line_error(result, "checkpoint.output_dir", "cannot write there")
+@pytest.mark.parametrize("where,reason", [("a-file/model", "Not a directory"), ("a-file", "File exists")])
+def test_an_export_folder_that_cannot_be_written_fails_before_training(fit, tmp_path, a_file, where, reason):
+    result = fit("--training_state.every_n_steps", "1", "--checkpoint.output_dir", tmp_path / where)
+    assert_one_line_error(result, "checkpoint.output_dir", where, f"cannot write there ({reason})")
+    assert not list(tmp_path.glob("checkpoints/*"))  # failed before any step
+
+
+class ExportFolderTurnsIntoAFile(L.Callback):
+    """Replaces ``folder`` (written to at setup) by a file once training starts."""
+
+    def __init__(self, folder: str):
+        self.folder = Path(folder)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        shutil.rmtree(self.folder)
+        self.folder.write_text("not a folder\n")
+
+
+def test_an_export_folder_that_cannot_be_written_at_the_end_keeps_the_checkpoints(fit, tmp_path):
+    folder = tmp_path / "model"
+    callback = (f"--trainer.callbacks+={__name__}.ExportFolderTurnsIntoAFile", "--trainer.callbacks.folder", folder)
+    result = fit("--training_state.every_n_steps", "1", "--checkpoint.output_dir", folder, *callback)
+    assert_one_line_error(result, "checkpoint.output_dir", "cannot write there (File exists)")
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 2  # the trained state can still be resumed and exported
 
@@ -144,6 +165,12 @@ def not_checkpoints(tmp_path_factory) -> Path:
     torch.save({"state_dict": {}}, folder / "plain.ckpt")
     pickled = {"pytorch-lightning_version": "2.6.6", "state_dict": {}, "note": Fraction(1, 3)}
     torch.save(pickled, folder / "pickled.ckpt")
+    (folder / "not-a-checkpoint").mkdir()
+    (folder / "half-written.ckpt" / "checkpoint").mkdir(parents=True)  # DeepSpeed writes its 'latest' file last
+    torch.save(pickled, folder / "half-written.ckpt" / "checkpoint" / "mp_rank_00_model_states.pt")
+    (folder / "pickled-deepspeed.ckpt" / "checkpoint").mkdir(parents=True)  # a DeepSpeed checkpoint folder
+    torch.save(pickled, folder / "pickled-deepspeed.ckpt" / "checkpoint" / "mp_rank_00_model_states.pt")
+    (folder / "pickled-deepspeed.ckpt" / "latest").write_text("checkpoint")
     return folder
 
 
@@ -154,6 +181,9 @@ def not_checkpoints(tmp_path_factory) -> Path:
         ("truncated.ckpt", "cannot be read, truncated or not a checkpoint"),
         ("plain.ckpt", "not a training checkpoint"),
         ("pickled.ckpt", "holds objects other than tensors and plain values"),
+        ("not-a-checkpoint", "a folder, but not a complete checkpoint"),
+        ("half-written.ckpt", "a folder, but not a complete checkpoint"),
+        ("pickled-deepspeed.ckpt", "mp_rank_00_model_states.pt: holds objects other than tensors and plain values"),
     ],
 )
 def test_a_ckpt_path_that_is_not_a_usable_checkpoint(fit, not_checkpoints, name, message):
@@ -193,3 +223,17 @@ def test_a_models_own_code_runs_only_when_the_recipe_says_so(model_with_code, ch
     result = lt_posttrain(*args, "--model.trust_remote_code", "true")
     assert result.returncode == 0, result.stderr[-2000:]
     assert marker.exists()
+
+
+@pytest.mark.parametrize(
+    "config,message",
+    [
+        ({"model_type": "own_llama", "auto_map": {"AutoConfig": "own.OwnConfig"}}, "set model.trust_remote_code: true"),
+        ({"model_type": "llama_of_the_future"}, "does not know model_type 'llama_of_the_future'"),
+    ],
+)
+def test_an_architecture_transformers_does_not_have(fit, tiny_model_dir, tmp_path, config, message):
+    folder = tmp_path / "unknown-architecture"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "config.json").write_text(json.dumps({**json.loads((folder / "config.json").read_text()), **config}))
+    assert_one_line_error(fit("--model.name_or_path", folder), "unknown-architecture", message)

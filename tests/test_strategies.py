@@ -14,7 +14,7 @@ from conftest import write_jsonl
 from lt_posttrain.cli import main
 from lt_posttrain.errors import UserError
 from lt_posttrain.model.sharding import fit_to_strategy
-from lt_posttrain.strategies import check_deepspeed_config, complete_deepspeed_config, prepare_strategy
+from lt_posttrain.strategies import check_deepspeed_config, check_strategy, complete_deepspeed_config, prepare_strategy
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PRESETS = ["ddp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_2_offload", "deepspeed_stage_3",
@@ -117,15 +117,27 @@ def test_gpu_strategies_on_cpu_are_one_line_before_anything_loads(capsys, tmp_pa
 
 
 @needs_deepspeed
-@pytest.mark.parametrize(
-    "arguments, fragment",
-    [
-        (["--trainer.accumulate_grad_batches", "4"], "trainer.accumulate_grad_batches 4 is not supported"),
-        (["--trainer.gradient_clip_val", "1", "--trainer.gradient_clip_algorithm", "value"], "by norm only"),
-    ],
-)
-def test_deepspeed_options_it_cannot_honour_are_one_line(capsys, tmp_path, arguments, fragment):
-    assert fragment in strategy_error(capsys, tmp_path, "--trainer.strategy", "deepspeed_stage_2", *arguments)
+def test_deepspeed_clipping_by_value_is_one_line(capsys, tmp_path):
+    arguments = ["--trainer.gradient_clip_val", "1", "--trainer.gradient_clip_algorithm", "value"]
+    assert "by norm only" in strategy_error(capsys, tmp_path, "--trainer.strategy", "deepspeed_stage_2", *arguments)
+
+
+@needs_deepspeed
+def test_deepspeed_accumulation_is_accepted_and_run_by_lightning_s_loop():
+    """Accumulation is not refused (here only the missing GPU is); the prepared strategy is still the DeepSpeed
+    class it was, with accumulation left to Lightning's loop (test_deepspeed_accumulation.py trains with it)."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    with pytest.raises(UserError, match="runs on CUDA GPUs only"):
+        check_strategy({"strategy": "deepspeed_stage_2", "accumulate_grad_batches": 4, "accelerator": "cpu"})
+    strategy = StrategyRegistry.get("deepspeed_stage_2")
+    assert strategy.handles_gradient_accumulation  # Lightning's: DeepSpeed's own counting
+    prepare_strategy(strategy, micro_batch_size=1)
+    prepared = type(strategy)
+    prepare_strategy(strategy, micro_batch_size=1)
+    assert type(strategy) is prepared and isinstance(strategy, DeepSpeedStrategy)
+    assert prepared.__name__ == "DeepSpeedStrategy" and not strategy.handles_gradient_accumulation
+    assert strategy.config["zero_optimization"]["stage"] == 2
 
 
 @needs_deepspeed

@@ -4,8 +4,10 @@ import contextlib
 import io
 import pickle
 import sys
+from pathlib import Path
 from typing import Optional
 
+import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lt_posttrain.callbacks.atomic_checkpoint_io import CHECKPOINT_READ_ERRORS, checkpoint_read_error
@@ -14,9 +16,10 @@ from lt_posttrain.callbacks.nonfinite import NonFiniteLossGuard
 from lt_posttrain.callbacks.predictions import PredictionWriter
 from lt_posttrain.callbacks.random_state import RandomStateCheckpoint
 from lt_posttrain.callbacks.throughput import ThroughputMeter
-from lt_posttrain.callbacks.training_state import TrainingStateCheckpoint
+from lt_posttrain.callbacks.training_state import TrainingStateCheckpoint, checkpoint_states_file
 from lt_posttrain.cli_errors import ConfigError, explain_parser_error, find_user_error
 from lt_posttrain.data.datamodule import InstructDataModule
+from lt_posttrain.errors import UserError
 from lt_posttrain.folders import check_writable
 from lt_posttrain.plugins.short_names import expand_short_names
 from lt_posttrain.strategies import check_strategy, prepare_strategy
@@ -53,16 +56,37 @@ class PostTrainCLI(LightningCLI):
         parser.add_lightning_class_args(ThroughputMeter, "throughput")
 
     def _parse_ckpt_path(self) -> None:
-        """Lightning's (a ``--ckpt_path`` file's hyper-parameters update the model section), with a file that cannot be
-        read as one line. Lightning reads it weights-only whatever ``--weights_only`` says: with ``false``, a file with
-        pickled objects is left to the trainer, which honours it."""
+        """Lightning's (a ``--ckpt_path`` file's hyper-parameters update the model section), for a checkpoint folder
+        (DeepSpeed's) too; one that cannot be read is one line. Lightning reads it weights-only whatever
+        ``--weights_only`` says: with ``false``, a checkpoint with pickled objects is left to the trainer, which
+        honours it."""
+        config = self.config.get(self.config.get("subcommand") or "", {})
+        path = read = config.get("ckpt_path")
         try:
-            super()._parse_ckpt_path()
+            if path and Path(path).is_dir():
+                read = checkpoint_states_file(Path(path))
+                if read is None:
+                    raise UserError(
+                        f"--ckpt_path {path!r}: a folder, but not a complete checkpoint (a DeepSpeed checkpoint folder "
+                        "holds a 'latest' file, written last); give a step-N.ckpt file or folder from training_state"
+                    )
+                # mapped, not read: beside the hyper-parameters, DeepSpeed's states file holds the model's weights
+                self._update_model_section(torch.load(read, map_location="cpu", weights_only=True, mmap=True))
+            else:
+                super()._parse_ckpt_path()
         except CHECKPOINT_READ_ERRORS as error:
-            config = self.config.get(self.config.get("subcommand") or "", {})
             if isinstance(error, pickle.UnpicklingError) and config.get("weights_only") is False:
                 return
-            raise checkpoint_read_error(config.get("ckpt_path"), error) from error
+            raise checkpoint_read_error(read, error) from error
+
+    def _update_model_section(self, checkpoint: dict) -> None:
+        """What Lightning's ``_parse_ckpt_path`` does with the contents of a checkpoint file."""
+        hparams = checkpoint.get("hyper_parameters", {})
+        hparams.pop("_instantiator", None)
+        if hparams:
+            if "_class_path" in hparams:
+                hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+            self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
         if config.get("enable_checkpointing") is False:  # Lightning refuses a ModelCheckpoint then

@@ -7,10 +7,12 @@ Lightning's names work unchanged (``ddp``, ``deepspeed_stage_1``, ``deepspeed_st
 ``{class_path: lightning.pytorch.strategies.DeepSpeedStrategy, init_args: {config: ds.json}}``.
 """
 
+import contextlib
+import functools
 import importlib.util
 import json
 import os
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from lt_posttrain.errors import UserError
 
@@ -72,7 +74,7 @@ def check_strategy(trainer: Any) -> None:
 
     Raises:
         UserError: DeepSpeed is asked for and not installed; DeepSpeed or FSDP without a CUDA GPU; DeepSpeed with
-            gradient accumulation or clipping by value; a DeepSpeed config that cannot work.
+            clipping by value; a DeepSpeed config that cannot work.
     """
     strategy = _get(trainer, "strategy")
     family = strategy_family(strategy)
@@ -90,13 +92,6 @@ def _check_deepspeed_options(name: str, strategy: Any, trainer: Any) -> None:
     config = _get(_get(strategy, "init_args"), "config")
     if config is not None:
         check_deepspeed_config(config)
-    accumulate = _get(trainer, "accumulate_grad_batches", 1)
-    if isinstance(accumulate, int) and accumulate > 1:
-        raise UserError(
-            f"{name}: trainer.accumulate_grad_batches {accumulate} is not supported with DeepSpeed (Lightning then "
-            "runs the optimizer-step hooks on every micro-batch and divides the loss by the accumulation twice); "
-            "raise data.batch_size or add GPUs instead"
-        )
     if _get(trainer, "gradient_clip_algorithm") == "value":
         raise UserError(f"{name}: DeepSpeed clips gradients by norm only; set trainer.gradient_clip_algorithm norm")
 
@@ -194,10 +189,46 @@ def complete_deepspeed_config(config: dict, micro_batch_size: int) -> dict:
     return config
 
 
+@functools.cache
+def _accumulating_in_lightning(cls: type) -> type:
+    """``cls``, a DeepSpeed strategy class, with gradient accumulation run by Lightning's loop as for DDP.
+
+    Lightning's DeepSpeed strategy leaves accumulation to DeepSpeed (``handles_gradient_accumulation``): Lightning then
+    runs the optimizer-step hooks (``on_before_optimizer_step``: logging, gradient checks) on every micro-batch,
+    DeepSpeed divides the loss by the accumulation again after Lightning has, and DeepSpeed counts its steps across
+    epochs where Lightning (the global step, the learning-rate schedule) and the data plan end each epoch with a
+    shorter step. Here Lightning's loop calls the hooks and DeepSpeed's ``step`` once per optimizer step, tells the
+    engine before each micro-batch whether it ends the step, and the loss is divided by the accumulation once.
+    """
+
+    class Strategy(cls):
+        @property
+        def handles_gradient_accumulation(self) -> bool:
+            return False
+
+        def training_step(self, *args: Any, **kwargs: Any) -> Any:
+            ends_step = not self.lightning_module.trainer.fit_loop._should_accumulate()
+            self.deepspeed_engine.set_gradient_accumulation_boundary(ends_step)
+            return super().training_step(*args, **kwargs)
+
+        def backward(self, closure_loss: Any, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
+            return super().backward(closure_loss, optimizer, *args, scale_wrt_gas=False, **kwargs)
+
+        @contextlib.contextmanager
+        def block_backward_sync(self) -> Iterator[None]:
+            yield  # not the engine's no_sync, which ZeRO-2 and 3 refuse: training_step told the engine
+
+    Strategy.__name__ = Strategy.__qualname__ = cls.__name__
+    return Strategy
+
+
 def prepare_strategy(strategy: Any, micro_batch_size: int) -> None:
-    """Complete a DeepSpeed strategy's config (:func:`complete_deepspeed_config`) before training starts; other
-    strategies are left as they are."""
+    """Prepare a DeepSpeed strategy before training starts: its config completed (:func:`complete_deepspeed_config`),
+    and gradient accumulation run by Lightning's loop (:func:`_accumulating_in_lightning`). Other strategies are left
+    as they are."""
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
     if isinstance(strategy, DeepSpeedStrategy):
         strategy.config = complete_deepspeed_config(strategy.config, micro_batch_size)
+        if strategy.handles_gradient_accumulation:  # a class property: the object gets the class that changes it
+            strategy.__class__ = _accumulating_in_lightning(type(strategy))

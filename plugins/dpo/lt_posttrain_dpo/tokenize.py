@@ -6,14 +6,9 @@ import os
 from collections import Counter
 from typing import Optional
 
-from lt_posttrain.data.dataset import FORMAT_VERSION, LONGER_THAN_MAX, NO_LOSS_TOKEN
-from lt_posttrain.data.formats import RenderError, load_format
-from lt_posttrain.data.tokenize import (
-    RenderedConversation,
-    count_loss_tokens,
-    render_conversation,
-    tokenize_rendered,
-)
+from lt_posttrain.data.dataset import FORMAT_VERSION, LONGER_THAN_MAX, NO_LOSS_TOKEN, rendered_parts
+from lt_posttrain.data.formats import load_format
+from lt_posttrain.data.tokenize import RenderedConversation, count_loss_tokens, tokenize_rendered
 from lt_posttrain.errors import UserError
 from lt_posttrain_dpo.pairs import REFERENCE_COLUMNS
 
@@ -23,13 +18,10 @@ SPLIT_BY_TEMPLATE = "the chat template rewrites earlier turns, so an answer is n
 
 
 def answer_sample(prompt: list[dict], answer: list[dict], render, tokenizer, max_length: int, where: str):
-    """``prompt + answer`` tokenized, labels on the answer's assistant turns only (assistant turns of the prompt
-    are context): ``{"input_ids", "labels", "truncated"}``, or None when the template splits the conversation.
-    ``where`` names the source and row in errors."""
-    try:
-        parts = render_conversation(prompt + answer, render)
-    except RenderError as error:
-        raise UserError(f"{where}: {error}") from error
+    """``prompt + answer`` rendered as the core renders a conversation (:func:`rendered_parts`) and tokenized, labels
+    on the answer's assistant turns only (assistant turns of the prompt are context): ``{"input_ids", "labels",
+    "truncated"}``, or None when the template splits the conversation. ``where`` names the source and row in errors."""
+    parts = rendered_parts(prompt + answer, render, where)
     if len(parts) > 1:
         return None
     if not parts:  # nothing to score

@@ -77,6 +77,26 @@ def test_gradient_is_the_mean_over_the_steps_pairs(tiny_model_dir, tokenizer, tm
             assert error < 1e-5, f"{batch_size=} {accumulate=} {packing=} {name}: relative difference {error:.1e}"
 
 
+def test_reference_is_kept_out_of_the_optimizer_and_checkpoints(tiny_model_dir, pairs_file, tmp_path):
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    data = PreferenceDataModule([{"name_or_path": str(pairs_file), "type": "preference_pairs"}], batch_size=2)
+    module = DPOModule(str(tiny_model_dir), beta=0.5, learning_rate=1e-3)
+    trainer.fit(module, data)
+    reference = {id(p) for p in module.reference_model.parameters()}
+    assert reference and not any(p.requires_grad for p in module.reference_model.parameters())
+    assert not any(id(p) in reference for group in trainer.optimizers[0].param_groups for p in group["params"])
+    assert not any(id(p) in reference for p in module.parameters())
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"]
+    assert saved and all(name.startswith("model.") for name in saved)
+    older = {"state_dict": {**saved, "reference_model.lm_head.weight": torch.zeros(1)}}  # as saved before
+    module.on_load_checkpoint(older)
+    assert older["state_dict"].keys() == saved.keys()
+    module.to(torch.bfloat16)  # yet the reference moves and casts with the module
+    assert {p.dtype for p in module.reference_model.parameters()} == {torch.bfloat16}
+
+
 def test_precomputed_reference_gives_the_same_losses(tiny_model_dir, tokenizer, tmp_path):
     rows = gsm8k_pairs(4)
     module = dpo(tiny_model_dir)

@@ -6,6 +6,7 @@ from typing import Optional, Union
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
+from lt_posttrain.folders import check_writable
 from lt_posttrain.model.export import export_hf
 from lt_posttrain.model.lora import is_peft_model
 from lt_posttrain.model.sharding import gather_state_dict
@@ -48,6 +49,11 @@ class HFCheckpoint(L.Callback):
         if self.output_dir:
             return Path(self.output_dir)
         return Path(trainer.log_dir or trainer.default_root_dir) / "hf_model"
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """A folder the export cannot be written to is one line now, not at the end of a long run."""
+        if stage == "fit" and (self.save_end_of_training or self.save_every_n_steps) and trainer.is_global_zero:
+            check_writable(self.resolved_output_dir(trainer), "checkpoint.output_dir")
 
     def _export(self, trainer: L.Trainer, module: L.LightningModule, folder: Path) -> None:
         state_dict = gather_state_dict(trainer.strategy, trainable_only=is_peft_model(module.model))

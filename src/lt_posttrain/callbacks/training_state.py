@@ -15,6 +15,7 @@ from lt_posttrain.errors import UserError
 from lt_posttrain.folders import check_writable
 
 _STEP_FILE = re.compile(r"^step-(\d+)\.ckpt$")
+_DEEPSPEED_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
 
 
 class TrainingStateCheckpoint(ModelCheckpoint):
@@ -24,8 +25,9 @@ class TrainingStateCheckpoint(ModelCheckpoint):
 
     Files are ``step-N.ckpt`` (the newest ``keep_last`` kept) and ``last.ckpt``, a link to the newest. Each is written
     to a hidden file and renamed into place (:class:`AtomicCheckpointIO`), so a crash or a full disk never leaves a
-    half-written one; ``--ckpt_path last`` picks the newest complete checkpoint. ``trainer.enable_checkpointing
-    false`` turns this off.
+    half-written one; ``--ckpt_path last`` picks the newest complete checkpoint. Under DeepSpeed (and FSDP's sharded
+    state dict) each checkpoint is a folder of that name instead, complete once its last file is written
+    (:func:`checkpoint_states_file`). ``trainer.enable_checkpointing false`` turns this off.
 
     Args:
         dirpath: the folder. Default: ``checkpoints`` under ``trainer.default_root_dir`` (not under a logger's
@@ -70,26 +72,30 @@ class TrainingStateCheckpoint(ModelCheckpoint):
         super().setup(trainer, pl_module, stage)
 
     def _find_last_checkpoints(self, trainer: L.Trainer) -> set[str]:
-        """What ``--ckpt_path last`` resumes from: ``last.ckpt`` if it resolves, else the highest ``step-N.ckpt``."""
+        """What ``--ckpt_path last`` resumes from: ``last.ckpt`` if it resolves to a complete checkpoint, else the
+        highest complete ``step-N.ckpt``; each a file, or a folder under DeepSpeed."""
         folder = Path(self.resolved_dirpath(trainer))
         last = folder / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
-        if last.exists():
+        if _is_complete(last):
             return {str(last)}
-        entries = folder.iterdir() if folder.is_dir() else ()  # files, or folders for sharded checkpoints
+        entries = folder.iterdir() if folder.is_dir() else ()
         steps = [(int(match.group(1)), path) for path in entries if (match := _STEP_FILE.match(path.name))]
-        return {str(max(steps)[1])} if steps else set()
+        complete = [(step, path) for step, path in steps if _is_complete(path)]
+        return {str(max(complete)[1])} if complete else set()
 
     @staticmethod
     def _link_checkpoint(trainer: L.Trainer, filepath: str, linkpath: str) -> None:
-        """Point ``linkpath`` at ``filepath`` with one rename: there is never a moment without a ``last.ckpt``."""
+        """Point ``linkpath`` at ``filepath`` with one rename: there is never a moment without a ``last.ckpt`` (but
+        where it was a folder, which no rename replaces: a full copy under DeepSpeed, from ``keep_last`` 0)."""
         if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
             staging = f"{linkpath}.{os.getpid()}.partial"
-            if os.path.lexists(staging):
-                os.remove(staging)
+            _remove(staging)
             try:
                 os.symlink(os.path.relpath(filepath, os.path.dirname(linkpath)), staging)
             except OSError:  # a file system without links: a copy, as Lightning falls back to
-                shutil.copyfile(filepath, staging)
+                (shutil.copytree if os.path.isdir(filepath) else shutil.copyfile)(filepath, staging)
+            if os.path.isdir(linkpath) and not os.path.islink(linkpath):
+                _remove(linkpath)  # until the rename, ``--ckpt_path last`` finds ``step-N.ckpt``
             os.replace(staging, linkpath)
         trainer.strategy.barrier()
 
@@ -116,3 +122,29 @@ def _start_the_epoch_after_an_epoch_end_checkpoint(trainer: L.Trainer) -> None:
     progress = loop.epoch_progress.current
     if loop.restarted_mid_epoch and progress.processed == progress.started:  # mid-epoch would be started - 1
         loop.reset_restart_stage()
+
+
+def checkpoint_states_file(folder: Path) -> Optional[Path]:
+    """The file of checkpoint folder ``folder`` that holds Lightning's state beside the shards (hyper-parameters,
+    loops, callbacks), or None if ``folder`` is not a complete checkpoint folder.
+
+    DeepSpeed writes ``TAG/mp_rank_00_model_states.pt`` (``zero_pp_rank_0_mp_rank_00_model_states.pt`` under ZeRO-3),
+    then ``latest`` naming TAG (Lightning's is ``checkpoint``); FSDP's sharded state dict writes ``meta.pt`` last."""
+    if (folder / "meta.pt").is_file():
+        return folder / "meta.pt"
+    try:
+        tag = (folder / "latest").read_text().strip()
+    except OSError:
+        return None
+    return next((folder / tag / name for name in _DEEPSPEED_STATES if tag and (folder / tag / name).is_file()), None)
+
+
+def _is_complete(checkpoint: Path) -> bool:
+    return checkpoint.is_file() or (checkpoint.is_dir() and checkpoint_states_file(checkpoint) is not None)
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)

@@ -2,6 +2,7 @@
 
 import hashlib
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -133,3 +134,35 @@ def _load(auto_class, source: str, name_or_path: str, **kwargs):
     except (OSError, ImportError) as error:  # unreachable hub, missing files, gated repo, a missing package
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"model.name_or_path {name_or_path!r}: cannot load ({first_line})") from error
+    except ValueError as error:
+        unknown = _unknown_architecture(source, error, kwargs.get("trust_remote_code", False))
+        if unknown is None:
+            raise
+        raise UserError(f"model.name_or_path {name_or_path!r}: {unknown}") from error
+
+
+def _unknown_architecture(source: str, error: ValueError, trust_remote_code: bool) -> Optional[str]:
+    """Why transformers cannot build ``source``'s model, if its architecture is one transformers does not have: one
+    defined by the model's own code (``auto_map`` in ``config.json``), or a ``model_type`` of a newer transformers."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    try:
+        config = json.loads((Path(source) / "config.json").read_text())
+    except (OSError, ValueError):  # a hub id, or no readable config: transformers' own message decides
+        config = {}
+    config = config if isinstance(config, dict) else {}
+    model_type = config.get("model_type")
+    unknown_type = isinstance(model_type, str) and model_type not in CONFIG_MAPPING
+    if not trust_remote_code and ("trust_remote_code" in str(error) or (unknown_type and config.get("auto_map"))):
+        return (
+            "its architecture is defined by Python code that comes with the model (auto_map in config.json), which "
+            "runs only if allowed; if you trust that code, set model.trust_remote_code: true"
+        )
+    if unknown_type and not config.get("auto_map"):
+        version = ".".join(transformers.__version__.split(".")[:2])
+        return (
+            f"transformers {version} does not know model_type {model_type!r} (config.json); upgrade transformers "
+            "(pip install -U transformers) or use a model of an architecture it has"
+        )
+    return None

@@ -1,15 +1,15 @@
-"""The optimizer (AdamW with decay only where it belongs: torch's fused one, a compensated one for bf16 weights,
-bitsandbytes' 8-bit ones, or the user's own class) and the learning-rate schedule."""
+"""The optimizer (AdamW with decay only where it belongs: torch's fused one, a compensated or stochastically rounding
+one for bf16 weights, bitsandbytes' 8-bit ones, or the user's own class) and the learning-rate schedule."""
 
 import importlib
 import math
-from typing import Literal, Union
+from typing import Literal, Union, get_args
 
 import torch
 from torch import nn
 
 Schedule = Literal["cosine", "linear", "constant"]
-BuiltInOptimizer = Literal["auto", "adamw", "adamw_kahan", "adamw_8bit", "paged_adamw_8bit"]
+BuiltInOptimizer = Literal["auto", "adamw", "adamw_kahan", "adamw_stochastic", "adamw_8bit", "paged_adamw_8bit"]
 OptimizerName = Union[BuiltInOptimizer, str]  # a str: the import path of an Optimizer class
 
 
@@ -41,7 +41,8 @@ def build_optimizer(name: str, model: nn.Module, learning_rate: float, weight_de
     """The optimizer ``name`` over :func:`decay_groups` (resolve ``auto`` first, see ``model/precision.py``).
 
     ``adamw``: torch's (fused on GPU). ``adamw_kahan``: torch-optimi's AdamW with Kahan-compensated updates, so bf16
-    weights lose no update smaller than their rounding step. ``adamw_8bit`` / ``paged_adamw_8bit``: bitsandbytes'
+    weights lose no update smaller than their rounding step (one more bf16 buffer a weight). ``adamw_stochastic``:
+    torchao's AdamW rounding bf16 weights stochastically, unbiased on average at no extra memory. ``adamw_8bit`` / ``paged_adamw_8bit``: bitsandbytes'
     8-bit states (paged: spills to the CPU under memory pressure). Else the import path of an optimizer class,
     called as ``cls(param_groups, lr=learning_rate)``.
     """
@@ -52,6 +53,8 @@ def build_optimizer(name: str, model: nn.Module, learning_rate: float, weight_de
         import optimi
 
         return optimi.AdamW(groups, lr=learning_rate, betas=(0.9, 0.999), eps=1e-8, kahan_sum=True)
+    if name == "adamw_stochastic":
+        return stochastic_rounding_adamw(groups, learning_rate)
     if name in ("adamw_8bit", "paged_adamw_8bit"):
         from bitsandbytes.optim import AdamW8bit, PagedAdamW8bit
 
@@ -60,12 +63,30 @@ def build_optimizer(name: str, model: nn.Module, learning_rate: float, weight_de
     return optimizer_class_of(name)(groups, lr=learning_rate)
 
 
+def require_torchao(what: str):
+    """``torchao.optim``, or one line saying how to install it."""
+    from lt_posttrain.errors import UserError
+
+    try:
+        from torchao import optim as torchao_optim
+    except ImportError as error:
+        raise UserError(f"{what} needs torchao ({error}): pip install 'lt-posttrain[stochastic]'") from error
+    return torchao_optim
+
+
+def stochastic_rounding_adamw(groups: list[dict], learning_rate: float) -> torch.optim.Optimizer:
+    """torchao's AdamW with ``bf16_stochastic_round`` (public ``AdamW`` up to torchao 0.13, ``_AdamW`` after)."""
+    torchao_optim = require_torchao("model.optimizer adamw_stochastic")
+    adamw = getattr(torchao_optim, "_AdamW", None) or torchao_optim.AdamW
+    return adamw(groups, lr=learning_rate, betas=(0.9, 0.999), eps=1e-8, bf16_stochastic_round=True)
+
+
 def optimizer_class_of(path: str) -> type:
     """The optimizer class at ``path`` (``package.module.Class``), or one clear line."""
     from lt_posttrain.errors import UserError
 
     module_name, _, class_name = path.replace(":", ".").rpartition(".")
-    known = "auto, adamw, adamw_kahan, adamw_8bit, paged_adamw_8bit"
+    known = ", ".join(get_args(BuiltInOptimizer))
     if not module_name:
         raise UserError(f"model.optimizer {path!r}: not a known optimizer ({known}) nor an import path package.Class")
     try:

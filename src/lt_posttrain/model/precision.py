@@ -1,7 +1,8 @@
 """bf16 weights and the optimizer: pick one that loses no update, and say so when the recipe picks one that does.
 
 A bf16 weight of magnitude 0.02 has a rounding step of about 1.2e-4: plain AdamW's update at a learning rate of 1e-5
-rounds away. Kahan-compensated AdamW carries the lost part to the next step; fp32 master weights (``bf16-mixed``,
+rounds away. Kahan-compensated AdamW carries the lost part to the next step, stochastic rounding rounds up with the
+probability of the lost fraction (unbiased, no extra memory, noisier); fp32 master weights (``bf16-mixed``,
 or DeepSpeed's ZeRO optimizer) avoid the problem at about twice the memory for weights and states.
 """
 
@@ -11,7 +12,7 @@ from typing import Optional
 import torch
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
-COMPENSATED = frozenset({"adamw_kahan"})
+COMPENSATED = frozenset({"adamw_kahan", "adamw_stochastic"})
 UNCOMPENSATED = frozenset({"adamw", "adamw_8bit", "paged_adamw_8bit"})
 
 
@@ -53,6 +54,22 @@ def lost_update_warning(name: str, model: torch.nn.Module, learning_rate: float,
     return (
         f"{low[0].dtype} weights with plain {name} (model.optimizer {name}): at learning rate {learning_rate:g}, an "
         f"update smaller than half the rounding step of the weight ({step:.1e} at the median magnitude {median:.2g}) "
-        "is lost, so many weights may stop training; use model.optimizer adamw_kahan (the default, auto) or "
+        "is lost, so many weights may stop training; use model.optimizer adamw_kahan (the default, auto), "
+        "adamw_stochastic (torchao) or "
         "trainer.precision bf16-mixed with model.dtype float32"
     )
+
+
+def clip_under_bf16_autocast(plugin, optimizer, clip_val, algorithm) -> bool:
+    """Clip the gradients under ``bf16-mixed`` whatever the optimizer; False (nothing done) for any other precision.
+
+    bf16 autocast scales no loss, so the gradients are true ones, yet Lightning's ``MixedPrecision`` refuses to clip
+    for a fused optimizer (which could unscale inside its step): clip as Lightning does without mixed precision.
+    """
+    from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+    from lightning.pytorch.utilities import GradClipAlgorithmType
+
+    if not clip_val or not isinstance(plugin, MixedPrecision) or plugin.scaler is not None:
+        return False
+    Precision.clip_gradients(plugin, optimizer, clip_val, GradClipAlgorithmType(algorithm or "norm"))
+    return True

@@ -24,9 +24,15 @@ from lt_posttrain.model.optim import (
     build_optimizer,
     build_schedule,
     optimizer_class_of,
+    require_torchao,
     warmup_steps_of,
 )
-from lt_posttrain.model.precision import lost_update_warning, resolve_optimizer
+from lt_posttrain.model.precision import (
+    clip_under_bf16_autocast,
+    keeps_master_weights,
+    lost_update_warning,
+    resolve_optimizer,
+)
 from lt_posttrain.model.parameters import describe_parameter_counts
 from lt_posttrain.model.quantization import (
     bitsandbytes_config,
@@ -73,7 +79,8 @@ class SFTModule(L.LightningModule):
             ``fused_linear_cross_entropy``.
         optimizer: ``auto`` (default): ``adamw_kahan`` when the trained weights are bf16 (``trainer.precision
             bf16-true``), so no update rounds away, else ``adamw``; ``adamw`` (torch's, fused on GPU; on bf16 weights
-            it warns that small updates are lost); ``adamw_kahan`` (torch-optimi, Kahan-compensated); ``adamw_8bit``
+            it warns that small updates are lost); ``adamw_kahan`` (torch-optimi, Kahan-compensated);
+            ``adamw_stochastic`` (torchao, bf16 stochastic rounding, no extra memory); ``adamw_8bit``
             or ``paged_adamw_8bit`` (bitsandbytes, CUDA); or the import path of an optimizer class.
     """
 
@@ -106,6 +113,8 @@ class SFTModule(L.LightningModule):
             require_liger()
         if optimizer in ("adamw_8bit", "paged_adamw_8bit"):
             require_bitsandbytes(f"model.optimizer {optimizer}")
+        elif optimizer == "adamw_stochastic":
+            require_torchao("model.optimizer adamw_stochastic")
         elif optimizer not in get_args(BuiltInOptimizer):
             optimizer_class_of(optimizer)  # a wrong import path fails now
         self.tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
@@ -208,6 +217,17 @@ class SFTModule(L.LightningModule):
         self._step_stats += torch.stack([share.detach().float(), batch["num_tokens"].float()])
         # Lightning divides by accumulate_grad_batches and data parallelism averages over ranks: undo both.
         return share * (self.trainer.accumulate_grad_batches * self.trainer.world_size)
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if not keeps_master_weights(self.trainer.strategy):  # DeepSpeed's engine zeroes them at its own boundary
+            # Free the gradients now: Lightning zeroes them only after the next forward, which then holds them too.
+            optimizer.zero_grad(set_to_none=True)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        plugin = self.trainer.precision_plugin
+        if not clip_under_bf16_autocast(plugin, optimizer, gradient_clip_val, gradient_clip_algorithm):
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         step_loss, tokens = self._sum_over_ranks(self._step_stats.clone())

@@ -11,8 +11,8 @@ import lightning as L
 import pytest
 import torch
 
+from cli_runs import failing_here
 from conftest import gsm8k_chats, write_jsonl
-from recipe_runs import failing_here
 from test_cli import assert_one_line_error, lt_posttrain
 
 QUIET = ("--trainer.accelerator", "cpu", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false")

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from cli_runs import failing_here, fit_args, logged, write_recipe
 from conftest import gsm8k_chats, write_jsonl
 from lt_posttrain.cli import main
-from recipe_runs import failing_here, fit_args, logged, write_recipe
 from test_cli import assert_one_line_error
 
 NAN_TRAINER = ["--model", "nan_loss_trainer.NaNLossAtSteps"]

@@ -9,12 +9,12 @@ import pytest
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from cli_runs import epochs_of, failing_here, fit_args, fit_in_own_process, logged, write_recipe
 from conftest import gsm8k_chats, write_jsonl
 from lt_posttrain.callbacks.random_state import capture_random_states, restore_random_states
 from lt_posttrain.cli import main
 from lt_posttrain.data.plan import PlanSampler, plan_epoch
 from lt_posttrain.errors import UserError
-from recipe_runs import epochs_of, failing_here, fit_args, fit_in_own_process, logged, write_recipe
 from test_cli import assert_one_line_error
 
 SIGKILL_STATUS = -9

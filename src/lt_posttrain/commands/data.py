@@ -8,6 +8,7 @@ is parsed and validated as ``fit`` does it (an :class:`InstructDataModule`, flat
 """
 
 import contextlib
+import inspect
 import io
 import json
 import os
@@ -34,10 +35,7 @@ LOSS_STYLE, CONTEXT_STYLE = "black on green", "dim"
 
 
 # -- the commands ------------------------------------------------------------------------------------------------
-def prepare(
-    data: InstructDataModule,
-    model: Section = None,
-    format: Format = "text",
+def _fit_recipe_keys(
     trainer: Section = None,
     checkpoint: Section = None,
     predictions: Section = None,
@@ -49,6 +47,39 @@ def prepare(
     lr_scheduler: Union[dict, str, None] = None,
     ckpt_path: Optional[str] = None,
     weights_only: Optional[bool] = None,
+) -> None:
+    """The keys of a ``fit`` recipe that the data commands accept and do not use.
+
+    Args:
+        trainer: accepted so that a ``fit`` recipe can be given unchanged; not used.
+        checkpoint: not used (a ``fit`` recipe section).
+        predictions: not used (a ``fit`` recipe section).
+        throughput, training_state, nonfinite_loss: not used (``fit`` recipe sections).
+        seed_everything: not used (a ``fit`` recipe key).
+        optimizer: not used (a ``fit`` recipe key).
+        lr_scheduler: not used (a ``fit`` recipe key).
+        ckpt_path: not used (a ``fit`` recipe key).
+        weights_only: not used (a ``fit`` recipe key).
+    """
+
+
+def takes_fit_recipe(command):
+    """``command``, whose ``**_fit_keys`` take the keys of :func:`_fit_recipe_keys`, with those keys added to its
+    signature and docstring, where jsonargparse reads its options and their help."""
+    signature = inspect.signature(command)
+    own = [parameter for parameter in signature.parameters.values() if parameter.kind is not parameter.VAR_KEYWORD]
+    fit_keys = inspect.signature(_fit_recipe_keys).parameters.values()
+    command.__signature__ = signature.replace(parameters=[*own, *fit_keys])
+    command.__doc__ = command.__doc__.rstrip() + "\n" + _fit_recipe_keys.__doc__.split("Args:\n", 1)[1]
+    return command
+
+
+@takes_fit_recipe
+def prepare(
+    data: InstructDataModule,
+    model: Section = None,
+    format: Format = "text",
+    **_fit_keys,
 ) -> None:
     """Tokenize a recipe's data as fit will, and print what it holds.
 
@@ -61,15 +92,6 @@ def prepare(
         model: the recipe's ``model`` section; only ``name_or_path`` and ``trust_remote_code`` are read, to load the
             tokenizer (never the weights).
         format: ``text`` (a table) or ``json`` (one JSON object).
-        trainer: accepted so that a ``fit`` recipe can be given unchanged; not used.
-        checkpoint: not used (a ``fit`` recipe section).
-        predictions: not used (a ``fit`` recipe section).
-        throughput, training_state, nonfinite_loss: not used (``fit`` recipe sections).
-        seed_everything: not used (a ``fit`` recipe key).
-        optimizer: not used (a ``fit`` recipe key).
-        lr_scheduler: not used (a ``fit`` recipe key).
-        ckpt_path: not used (a ``fit`` recipe key).
-        weights_only: not used (a ``fit`` recipe key).
     """
     data.connect(tokenizer_of(model))
     data.setup("fit")
@@ -77,22 +99,13 @@ def prepare(
     print(json.dumps(report) if format == "json" else format_report(report))
 
 
+@takes_fit_recipe
 def preview(
     data: InstructDataModule,
     model: Section = None,
     num: int = 3,
     format: Format = "text",
-    trainer: Section = None,
-    checkpoint: Section = None,
-    predictions: Section = None,
-    throughput: Section = None,
-    training_state: Section = None,
-    nonfinite_loss: Section = None,
-    seed_everything: Union[bool, int] = True,
-    optimizer: Union[dict, str, None] = None,
-    lr_scheduler: Union[dict, str, None] = None,
-    ckpt_path: Optional[str] = None,
-    weights_only: Optional[bool] = None,
+    **_fit_keys,
 ) -> None:
     """Show the first training samples as the model sees them, the tokens that carry loss highlighted.
 
@@ -105,15 +118,6 @@ def preview(
         num: how many samples to show.
         format: ``text`` (tokens that carry loss on a green background, the others dim) or ``json`` (one
             ``{"messages", "input_ids", "labels"}`` object per line; ``labels`` is -100 where there is no loss).
-        trainer: accepted so that a ``fit`` recipe can be given unchanged; not used.
-        checkpoint: not used (a ``fit`` recipe section).
-        predictions: not used (a ``fit`` recipe section).
-        throughput, training_state, nonfinite_loss: not used (``fit`` recipe sections).
-        seed_everything: not used (a ``fit`` recipe key).
-        optimizer: not used (a ``fit`` recipe key).
-        lr_scheduler: not used (a ``fit`` recipe key).
-        ckpt_path: not used (a ``fit`` recipe key).
-        weights_only: not used (a ``fit`` recipe key).
     """
     if num < 0:
         raise UserError(f"--num must be 0 or more, got {num}")

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from lt_posttrain.errors import UserError
-from lt_posttrain.model.lora import is_peft_model, merged_lora_model
+from lt_posttrain.model.lora import fsdp_units_unwrapped, is_peft_model, merged_lora_model
 
 
 def export_hf(
@@ -42,7 +42,8 @@ def export_hf(
         raise UserError(f"checkpoint.output_dir {str(target)!r}: cannot write there ({error.strerror})") from error
     try:
         if is_peft_model(model):  # an adapter: small, one file
-            model.save_pretrained(staging, state_dict=state_dict)
+            with fsdp_units_unwrapped(model):
+                model.save_pretrained(staging, state_dict=state_dict)
         else:
             model.save_pretrained(staging, state_dict=state_dict, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(staging)

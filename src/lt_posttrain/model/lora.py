@@ -1,8 +1,9 @@
 """LoRA adapters (PEFT): the ``model.lora`` block, wrapping a model with them, and merging them for export."""
 
 import copy
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal, Optional, Union
+from typing import Iterator, Literal, Optional, Union
 
 import torch
 
@@ -70,6 +71,27 @@ def is_peft_model(model) -> bool:
     return any(cls.__module__.startswith("peft.") for cls in type(model).__mro__)
 
 
+@contextmanager
+def fsdp_units_unwrapped(model: torch.nn.Module) -> Iterator[None]:
+    """``model`` with each FSDP unit inside it replaced by the module it wraps, for as long as the context lasts.
+
+    PEFT picks an adapter's weights out of a state dict by the names of the model's modules; FSDP's units put
+    ``_fsdp_wrapped_module.`` into those names (per decoder layer) but not into the keys of their gathered state dict,
+    and PEFT would pick nothing: an empty adapter. Only the module tree changes, not the weights, and nothing talks to
+    the other ranks, so rank 0 alone may use it."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    units = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+             if isinstance(child, FullyShardedDataParallel)]  # fmt: skip
+    for parent, name, unit in units:
+        setattr(parent, name, unit.module)
+    try:
+        yield
+    finally:
+        for parent, name, unit in reversed(units):
+            setattr(parent, name, unit)
+
+
 def merged_lora_model(model, trust_remote_code: bool = False, state_dict: Optional[dict] = None):
     """A plain Hugging Face model on the CPU: the base reloaded from its source (in its own dtype, never quantized)
     with ``model``'s adapters merged in. ``model`` itself is left untouched, so training can go on. ``state_dict``
@@ -85,7 +107,8 @@ def merged_lora_model(model, trust_remote_code: bool = False, state_dict: Option
         config.base_model_name_or_path, dtype="auto", trust_remote_code=trust_remote_code
     )
     adapted = peft.get_peft_model(base, copy.deepcopy(config))
-    adapter = peft.get_peft_model_state_dict(model, state_dict)
+    with fsdp_units_unwrapped(model):
+        adapter = peft.get_peft_model_state_dict(model, state_dict)
     state = {key: value.detach().to("cpu", torch.float32) for key, value in adapter.items()}
     peft.set_peft_model_state_dict(adapted, state)
     return adapted.merge_and_unload()

@@ -64,13 +64,20 @@ def fit_to_strategy(model: torch.nn.Module, strategy: Any, fused_loss: bool = Fa
 
     Raises:
         UserError: the fused loss under ZeRO-3 or FSDP: it reads the output head's weight outside the head's own
-            forward, where both keep it sharded.
+            forward, where both keep it sharded. DoRA under ZeRO-3, for the same reason: it reads its A and B
+            outside their layers' forward (FSDP gathers a whole decoder layer, so DoRA works there).
     """
     sharded = zero3_config(strategy) is not None or is_fsdp(strategy)
     if fused_loss and sharded:
         raise UserError(
             "model.liger: fused_linear_cross_entropy reads the output head's weight, which DeepSpeed ZeRO-3 and FSDP "
             "keep sharded; set model.liger.fused_linear_cross_entropy false or use ZeRO-2 or DDP"
+        )
+    dora = any(getattr(config, "use_dora", False) for config in getattr(model, "peft_config", {}).values())
+    if dora and zero3_config(strategy) is not None:
+        raise UserError(
+            "model.lora.use_dora: DoRA reads its adapter weights outside their layers, where DeepSpeed ZeRO-3 keeps "
+            "them partitioned; set model.lora.use_dora false, or use ZeRO-2, FSDP or DDP"
         )
     if zero3_config(strategy) is not None:
         zero_lora_b(model)
@@ -124,7 +131,8 @@ def gather_state_dict(strategy: Any, trainable_only: bool = False) -> Optional[d
         from torch.distributed.fsdp import FullStateDictConfig, StateDictType
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-        whole = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
+        # Offloading from the CPU to the CPU frees the storage that FSDP then clones from (a crash).
+        whole = FullStateDictConfig(offload_to_cpu=strategy.root_device.type != "cpu", rank0_only=True)
         with FSDP.state_dict_type(strategy.model, StateDictType.FULL_STATE_DICT, whole):
             state = strategy.model.state_dict()
     else:

@@ -166,3 +166,13 @@ def test_stochastic_rounding_keeps_small_updates_at_no_extra_memory(tmp_path, bf
     print(f"stochastic rounding: relative distance to the fp32-master run {distance:.3f}, weights untouched {untouched:.2f}")
     assert untouched < 0.5 and distance < 0.7  # measured 0.48 (noisy but unbiased); plain bf16 AdamW ends 0.93 away
     assert max(abs(a - b) for a, b in zip(rounded_losses, master_losses)) < 1e-2
+
+
+def test_stochastic_rounding_without_torchao_is_one_line(monkeypatch, tiny_model_dir):
+    import sys
+
+    from lt_posttrain import SFTModule
+
+    monkeypatch.setitem(sys.modules, "torchao", None)  # as if not installed
+    with pytest.raises(UserError, match=r"adamw_stochastic needs torchao .*pip install 'lt-posttrain\[stochastic\]'"):
+        SFTModule(str(tiny_model_dir), optimizer="adamw_stochastic")

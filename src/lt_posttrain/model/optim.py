@@ -8,6 +8,8 @@ from typing import Literal, Union, get_args
 import torch
 from torch import nn
 
+from lt_posttrain.model.sharding import full_shape
+
 Schedule = Literal["cosine", "linear", "constant"]
 BuiltInOptimizer = Literal["auto", "adamw", "adamw_kahan", "adamw_stochastic", "adamw_8bit", "paged_adamw_8bit"]
 OptimizerName = Union[BuiltInOptimizer, str]  # a str: the import path of an Optimizer class
@@ -24,7 +26,7 @@ def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         if not parameter.requires_grad or id(parameter) in seen:
             continue
         seen.add(id(parameter))
-        shape = getattr(parameter, "ds_shape", parameter.shape)  # ZeRO-3 partitions are 1-D: their full shape
+        shape = full_shape(model, name, parameter)  # ZeRO-3 and FSDP shards are 1-D
         skip = id(parameter) in no_decay or name.endswith("bias") or len(shape) < 2
         (plain if skip else decay).append(parameter)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]

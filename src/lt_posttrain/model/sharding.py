@@ -1,6 +1,7 @@
 """A model whose weights are split across ranks (DeepSpeed ZeRO-3, FSDP): created straight into its shards, fitted
 to the strategy once built, and gathered back whole for the Hugging Face export."""
 
+import re
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
@@ -55,7 +56,8 @@ def fit_to_strategy(model: torch.nn.Module, strategy: Any, fused_loss: bool = Fa
     """What a sharding strategy needs of a built model (LoRA applied):
 
     - ZeRO-3: LoRA's B matrices zeroed in their partitions (:func:`zero_lora_b`);
-    - FSDP: each decoder layer its own FSDP unit (:func:`wrap_decoder_layers`), unless ``auto_wrap_policy`` is given.
+    - FSDP: each decoder layer its own FSDP unit (:func:`wrap_decoder_layers`), unless ``auto_wrap_policy`` is given,
+      and every parameter's full shape recorded (:data:`FULL_SHAPES`): FSDP turns them into 1-D shards.
 
     Args:
         model: the Hugging Face (or PEFT) model.
@@ -81,8 +83,22 @@ def fit_to_strategy(model: torch.nn.Module, strategy: Any, fused_loss: bool = Fa
         )
     if zero3_config(strategy) is not None:
         zero_lora_b(model)
-    elif is_fsdp(strategy) and "auto_wrap_policy" not in strategy.kwargs:
-        wrap_decoder_layers(strategy, model)
+    elif is_fsdp(strategy):
+        setattr(model, FULL_SHAPES, {name: parameter.shape for name, parameter in model.named_parameters()})
+        if "auto_wrap_policy" not in strategy.kwargs:
+            wrap_decoder_layers(strategy, model)
+
+
+WRAPPER_PREFIXES = re.compile(r"_fsdp_wrapped_module\.|_checkpoint_wrapped_module\.")  # FSDP's and checkpointing's
+FULL_SHAPES = "_lt_posttrain_full_shapes"  # model attribute: parameter name -> shape, before FSDP flattens them
+
+
+def full_shape(model: torch.nn.Module, name: str, parameter: torch.Tensor) -> torch.Size:
+    """``parameter``'s shape in the unsharded model: ZeRO-3 keeps it as ``ds_shape``, FSDP in :data:`FULL_SHAPES`."""
+    if hasattr(parameter, "ds_shape"):
+        return parameter.ds_shape
+    recorded = getattr(model, FULL_SHAPES, {})
+    return recorded.get(WRAPPER_PREFIXES.sub("", name), parameter.shape)
 
 
 def zero_lora_b(model: torch.nn.Module) -> int:

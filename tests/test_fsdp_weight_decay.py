@@ -1,0 +1,19 @@
+"""FSDP turns every parameter into a 1-D shard: weight decay must still go to the same matrices as unsharded."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).parent
+
+
+def test_fsdp_keeps_the_weight_decay_groups(tiny_model_dir):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(HERE / "fsdp_decay_worker.py"), str(tiny_model_dir)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=HERE, check=False)
+    reports = [json.loads(line[len("GROUPS ") :]) for line in done.stdout.splitlines() if line.startswith("GROUPS ")]
+    assert len(reports) == 2, done.stderr[-3000:]
+    for report in reports:
+        assert report["before"] and any("mlp" in name for name in report["before"])
+        assert report["after"] == report["before"]

@@ -7,6 +7,7 @@ attention, forward and backward, over each sample alone (a packed row's samples 
 Gradient checkpointing's recomputation is not counted: MFU measures useful work.
 """
 
+import math
 import time
 from typing import Optional
 
@@ -14,15 +15,17 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from lt_posttrain.model.sharding import full_shape
+
 
 def matmul_parameters(model: torch.nn.Module) -> int:
-    """Weights of every ``nn.Linear`` (PEFT and DeepSpeed ZeRO-3 included: ``ds_numel`` is a partitioned weight's
-    full size)."""
+    """Weights of every ``nn.Linear``, PEFT's included, counted whole under ZeRO-3 and FSDP (their shards' full
+    shapes, see ``model/sharding.py``)."""
     total = 0
-    for module in model.modules():
+    for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if isinstance(module, torch.nn.Linear) and weight is not None:
-            total += getattr(weight, "ds_numel", weight.numel())
+            total += math.prod(full_shape(model, f"{name}.weight", weight))
     return total
 
 

@@ -84,7 +84,8 @@ def fit_to_strategy(model: torch.nn.Module, strategy: Any, fused_loss: bool = Fa
     if zero3_config(strategy) is not None:
         zero_lora_b(model)
     elif is_fsdp(strategy):
-        setattr(model, FULL_SHAPES, {name: parameter.shape for name, parameter in model.named_parameters()})
+        shapes = {name: p.shape for name, p in model.named_parameters(remove_duplicate=False)}  # tied ones too
+        setattr(model, FULL_SHAPES, shapes)
         if "auto_wrap_policy" not in strategy.kwargs:
             wrap_decoder_layers(strategy, model)
 

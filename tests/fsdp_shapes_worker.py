@@ -1,6 +1,7 @@
-"""One rank of two (``python -m torch.distributed.run``): the weight-decay groups of a tiny Llama before and after
-FSDP flattens it (as Lightning's FSDPStrategy wraps it: ``use_orig_params``, a unit per decoder layer), for
-``test_fsdp_weight_decay.py``. Prints ``GROUPS {"before": [...], "after": [...]}`` (the names given weight decay)."""
+"""One rank of two (``python -m torch.distributed.run``): what depends on a tiny Llama's weight shapes, before and
+after FSDP flattens them (as Lightning's FSDPStrategy wraps it: ``use_orig_params``, a unit per decoder layer), for
+``test_fsdp_full_shapes.py``. Prints ``GROUPS {"before": [...], "after": [...], "matmul_before": N, "matmul_after": N}``:
+the names given weight decay and the throughput meter's matrix-product parameter count."""
 
 import json
 import sys
@@ -10,6 +11,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch.distributed.fsdp import FullyShardedDataParallel
 from transformers import AutoModelForCausalLM
 
+from lt_posttrain.callbacks.throughput import matmul_parameters
 from lt_posttrain.model.optim import decay_groups
 from lt_posttrain.model.sharding import WRAPPER_PREFIXES, fit_to_strategy
 
@@ -22,12 +24,14 @@ def decayed(model: torch.nn.Module) -> list[str]:
 def main(model_dir: str) -> None:
     torch.distributed.init_process_group("gloo")
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    before = decayed(model)
+    before, matmul_before = decayed(model), matmul_parameters(model)
     strategy = FSDPStrategy()
     fit_to_strategy(model, strategy, fused_loss=False)  # records the full shapes, sets the wrap policy
     FullyShardedDataParallel(model, device_id=torch.device("cpu"), **strategy.kwargs)
     assert all(p.ndim == 1 for p in model.parameters())  # flattened shards
-    print("GROUPS " + json.dumps({"before": before, "after": decayed(model)}), flush=True)
+    report = {"before": before, "after": decayed(model), "matmul_before": matmul_before,
+              "matmul_after": matmul_parameters(model)}  # fmt: skip
+    print("GROUPS " + json.dumps(report), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,10 @@
 """Stages 2 and 3 for preference pairs: each row becomes one sample that holds both answers, each rendered after the
 prompt with the core's renderer and labels; only the answer's own tokens carry a label."""
 
-import hashlib
 import os
-from collections import Counter
 from typing import Optional
 
-from lt_posttrain.data.dataset import FORMAT_VERSION, LONGER_THAN_MAX, NO_LOSS_TOKEN, rendered_parts
+from lt_posttrain.data.dataset import FORMAT_VERSION, LONGER_THAN_MAX, NO_LOSS_TOKEN, map_and_drop, rendered_parts
 from lt_posttrain.data.formats import load_format
 from lt_posttrain.data.tokenize import RenderedConversation, count_loss_tokens, tokenize_rendered
 from lt_posttrain.errors import UserError
@@ -83,17 +81,7 @@ def tokenize_pairs(rows, source, tokenizer, max_length: int, chat_template: Opti
         f"{FORMAT_VERSION}|{PAIRS_VERSION}|{rows._fingerprint}|{tokenizer.name_or_path}|{len(tokenizer)}|{template}|"
         f"{max_length}|{overlong}|{pairs_format.identity()}"
     )
-    converted = rows.map(
-        convert, batched=True, with_indices=True, remove_columns=rows.column_names, features=features,
-        new_fingerprint=hashlib.sha256(identity.encode()).hexdigest()[:32],
-        num_proc=num_proc if num_proc and num_proc > 1 and len(rows) >= 2 * num_proc else None,
-        desc=f"Tokenizing pairs of {source.name_or_path}",
-    )  # fmt: skip
-    reasons = converted["dropped"][:]
-    dropped = Counter(reason for reason in reasons if reason)
-    if dropped:
-        converted = converted.select([index for index, reason in enumerate(reasons) if not reason])
-    return converted.remove_columns("dropped"), dict(dropped)
+    return map_and_drop(rows, convert, features, identity, num_proc, f"Tokenizing pairs of {source.name_or_path}")
 
 
 def _drop_reason(samples: list, overlong: str) -> str:

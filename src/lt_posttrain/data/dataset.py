@@ -3,6 +3,7 @@
 import hashlib
 from collections import Counter
 from itertools import islice
+from typing import Optional
 
 import torch
 
@@ -95,17 +96,26 @@ def tokenize_rows(
         f"{FORMAT_VERSION}|{rows._fingerprint}|{tokenizer.name_or_path}|{len(tokenizer)}|{template}|{max_length}|{overlong}|"
         f"{source_format.identity()}"
     )
+    return map_and_drop(rows, convert, _features(weighted), identity, num_proc, f"Tokenizing {source.name_or_path}")
+
+
+def map_and_drop(rows, convert, features, identity: str, num_proc: Optional[int], desc: str):
+    """``rows.map(convert)`` in batches, cached by the datasets library under a fingerprint of ``identity`` (every
+    option the result depends on), then without the rows ``convert`` marked in its ``dropped`` column.
+
+    Returns ``(dataset, {reason: rows dropped})``.
+    """
     converted = rows.map(
         convert,
         batched=True,
         with_indices=True,
         remove_columns=rows.column_names,
-        features=_features(weighted),
+        features=features,
         new_fingerprint=hashlib.sha256(identity.encode()).hexdigest()[:32],
         num_proc=num_proc if num_proc and num_proc > 1 and len(rows) >= 2 * num_proc else None,
-        desc=f"Tokenizing {source.name_or_path}",
+        desc=desc,
     )
-    reasons = converted["dropped"]
+    reasons = converted["dropped"][:]
     dropped = Counter(reason for reason in reasons if reason)
     if dropped:
         converted = converted.select([index for index, reason in enumerate(reasons) if not reason])

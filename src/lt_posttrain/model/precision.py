@@ -10,6 +10,8 @@ import math
 from typing import Optional
 
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.utilities import GradClipAlgorithmType
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 COMPENSATED = frozenset({"adamw_kahan", "adamw_stochastic"})
@@ -66,9 +68,6 @@ def clip_under_bf16_autocast(plugin, optimizer, clip_val, algorithm) -> bool:
     bf16 autocast scales no loss, so the gradients are true ones, yet Lightning's ``MixedPrecision`` refuses to clip
     for a fused optimizer (which could unscale inside its step): clip as Lightning does without mixed precision.
     """
-    from lightning.pytorch.plugins.precision import MixedPrecision, Precision
-    from lightning.pytorch.utilities import GradClipAlgorithmType
-
     if not clip_val or not isinstance(plugin, MixedPrecision) or plugin.scaler is not None:
         return False
     Precision.clip_gradients(plugin, optimizer, clip_val, GradClipAlgorithmType(algorithm or "norm"))

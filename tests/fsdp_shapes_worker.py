@@ -1,10 +1,12 @@
 """One rank of two (``python -m torch.distributed.run``): what depends on a tiny Llama's weight shapes, before and
 after FSDP flattens them (as Lightning's FSDPStrategy wraps it: ``use_orig_params``, a unit per decoder layer), for
-``test_fsdp_full_shapes.py``. Prints ``GROUPS {"before": [...], "after": [...], "matmul_before": N, "matmul_after": N}``:
-the names given weight decay and the throughput meter's matrix-product parameter count."""
+``test_fsdp_full_shapes.py``. Writes ``OUT/rank<N>.json`` = ``{"before": [...], "after": [...], "matmul_before": N,
+"matmul_after": N}``: the names given weight decay and the throughput meter's matrix-product parameter count (a file
+per rank: two ranks printing to one pipe can interleave their lines)."""
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
@@ -21,7 +23,7 @@ def decayed(model: torch.nn.Module) -> list[str]:
     return sorted(WRAPPER_PREFIXES.sub("", name) for name, p in model.named_parameters() if id(p) in ids)
 
 
-def main(model_dir: str) -> None:
+def main(model_dir: str, out: str) -> None:
     torch.distributed.init_process_group("gloo")
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     before, matmul_before = decayed(model), matmul_parameters(model)
@@ -31,8 +33,8 @@ def main(model_dir: str) -> None:
     assert all(p.ndim == 1 for p in model.parameters())  # flattened shards
     report = {"before": before, "after": decayed(model), "matmul_before": matmul_before,
               "matmul_after": matmul_parameters(model)}  # fmt: skip
-    print("GROUPS " + json.dumps(report), flush=True)
+    Path(out, f"rank{torch.distributed.get_rank()}.json").write_text(json.dumps(report))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2])

@@ -12,6 +12,14 @@ from lt_posttrain.cli import main
 from test_cli import assert_one_line_error
 
 NAN_TRAINER = ["--model", "nan_loss_trainer.NaNLossAtSteps"]
+# torch's AdamW is fused on GPU only; fused (tests/fused_adamw.py on CPU), it skips a step on the device, found_inf
+# set, and the flag is read later: on a GPU one step later, once copied to the host without waiting.
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+OPTIMIZERS = pytest.mark.parametrize(
+    "optimizer",
+    [["adamw"], ["fused_adamw.FusedAdamW"], pytest.param(["adamw", "--trainer.accelerator", "gpu"], marks=GPU)],
+    ids=["host-check", "fused", "gpu-fused"],
+)
 
 
 @pytest.fixture(scope="module")
@@ -19,10 +27,12 @@ def chats(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("chats") / "gsm8k.jsonl", gsm8k_chats(24))
 
 
-def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, tiny_model_dir, chats, capsys):
+@OPTIMIZERS
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, tiny_model_dir, chats, capsys, optimizer):
     recipe = write_recipe(tmp_path / "recipe.yaml", tiny_model_dir, chats, trainer={"max_steps": 8},
                           training_state={"every_n_steps": 2})  # fmt: skip
-    result = failing_here(capsys, *fit_args(recipe, tmp_path, "run", *NAN_TRAINER, "--model.nan_at_steps", "[5]"))
+    args = fit_args(recipe, tmp_path, "run", *NAN_TRAINER, "--model.nan_at_steps", "[5]", "--model.optimizer", *optimizer)
+    result = failing_here(capsys, *args)
     assert_one_line_error(result, "optimizer step 5 is NaN or infinite", "before updating the weights",
                           str(tmp_path / "checkpoints" / "last.ckpt"), "nonfinite_loss.action skip")  # fmt: skip
     folder = tmp_path / "checkpoints"
@@ -32,10 +42,12 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, tiny_m
     assert all(torch.isfinite(tensor).all() for tensor in last["state_dict"].values())
 
 
-def test_skip_drops_the_update_of_a_nan_step_and_counts_it(tmp_path, tiny_model_dir, chats):
+@OPTIMIZERS
+def test_skip_drops_the_update_of_a_nan_step_and_counts_it(tmp_path, tiny_model_dir, chats, optimizer):
     recipe = write_recipe(tmp_path / "recipe.yaml", tiny_model_dir, chats, trainer={"max_steps": 4},
                           training_state={"every_n_steps": 1, "keep_last": -1})  # fmt: skip
-    main(fit_args(recipe, tmp_path, "run", *NAN_TRAINER, "--model.nan_at_steps", "[3]", "--nonfinite_loss.action=skip"))
+    main(fit_args(recipe, tmp_path, "run", *NAN_TRAINER, "--model.nan_at_steps", "[3]", "--nonfinite_loss.action=skip",
+                  "--model.optimizer", *optimizer))  # fmt: skip
     step = {n: torch.load(tmp_path / "checkpoints" / f"step-{n}.ckpt", weights_only=True) for n in (2, 3, 4)}
     before, skipped, after = (step[n]["state_dict"] for n in (2, 3, 4))
     assert all(torch.equal(before[name], skipped[name]) for name in before)  # step 3 changed nothing

@@ -49,9 +49,9 @@ class PostTrainCLI(LightningCLI):
         sys.stderr.write(printed.getvalue())
 
     def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(NonFiniteLossGuard, "nonfinite_loss")  # first: it may stop an export
         parser.add_lightning_class_args(HFCheckpoint, "checkpoint")
         parser.add_lightning_class_args(TrainingStateCheckpoint, "training_state")
-        parser.add_lightning_class_args(NonFiniteLossGuard, "nonfinite_loss")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.add_lightning_class_args(ThroughputMeter, "throughput")
 

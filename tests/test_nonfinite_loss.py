@@ -13,12 +13,18 @@ from test_cli import assert_one_line_error
 
 NAN_TRAINER = ["--model", "nan_loss_trainer.NaNLossAtSteps"]
 # torch's AdamW is fused on GPU only; fused (tests/fused_adamw.py on CPU), it skips a step on the device, found_inf
-# set, and the flag is read later: on a GPU one step later, once copied to the host without waiting.
+# set, and the flag is read later: on a GPU one step later, once copied to the host without waiting. In the backward
+# pass the weights move as their gradients come: the loss is checked before it.
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 OPTIMIZERS = pytest.mark.parametrize(
     "optimizer",
-    [["adamw"], ["fused_adamw.FusedAdamW"], pytest.param(["adamw", "--trainer.accelerator", "gpu"], marks=GPU)],
-    ids=["host-check", "fused", "gpu-fused"],
+    [
+        ["adamw"],
+        ["fused_adamw.FusedAdamW"],
+        ["adamw_kahan", "--model.optimizer_in_backward", "true", "--trainer.accumulate_grad_batches", "1"],
+        pytest.param(["adamw", "--trainer.accelerator", "gpu"], marks=GPU),
+    ],
+    ids=["host-check", "fused", "in-backward", "gpu-fused"],
 )
 
 

@@ -27,15 +27,18 @@ def bf16_exact_model(tmp_path_factory, tiny_model_dir):
     return folder
 
 
-def fit(tmp_path, model_dir, chats, precision: str, dtype: str, optimizer: str):
+def fit(tmp_path, model_dir, chats, precision: str, dtype: str, optimizer: str, steps: int = STEPS, model=None,
+        trainer=None):  # fmt: skip
+    """``steps`` of a fit at the small learning rate; ``model`` and ``trainer`` add to those sections."""
+    folder = tmp_path / optimizer / precision / str(len(list((tmp_path / optimizer / precision).glob("*"))))
     recipe = {
         "seed_everything": 0,
         "model": {"name_or_path": str(model_dir), "dtype": dtype, "optimizer": optimizer,
-                  "learning_rate": LEARNING_RATE, "schedule": "constant"},
+                  "learning_rate": LEARNING_RATE, "schedule": "constant", **(model or {})},
         "data": {"sources": [str(chats)], "batch_size": 1, "max_length": 128, "shuffle": False},
-        "trainer": {"accelerator": "cpu", "precision": precision, "max_steps": STEPS, "log_every_n_steps": 1,
-                    "enable_progress_bar": False, "default_root_dir": str(tmp_path / optimizer / precision),
-                    "logger": {"class_path": "CSVLogger", "init_args": {"save_dir": str(tmp_path / optimizer / precision)}}},
+        "trainer": {"accelerator": "cpu", "precision": precision, "max_steps": steps, "log_every_n_steps": 1,
+                    "enable_progress_bar": False, "default_root_dir": str(folder), **(trainer or {}),
+                    "logger": {"class_path": "CSVLogger", "init_args": {"save_dir": str(folder)}}},
         "checkpoint": {"save_end_of_training": False},
         "throughput": {"enabled": False},
     }  # fmt: skip

@@ -24,7 +24,8 @@ class NonFiniteLossGuard(L.Callback):
 
     With a fused torch optimizer (``adamw`` on GPU) the decision costs the GPU no wait: the optimizer skips the step
     on the device (its ``found_inf``, as under a gradient scaler) and the flag is read one step later, or before a
-    checkpoint or the end of training, when it is long computed. Other optimizers read it before their step.
+    checkpoint or the end of training, when it is long computed. Other optimizers read it before their step; with
+    ``model.optimizer_in_backward``, which moves the weights during the backward pass, it is read before that.
 
     Args:
         action: ``stop`` or ``skip``.
@@ -43,7 +44,17 @@ class NonFiniteLossGuard(L.Callback):
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
         bad = (~torch.isfinite(loss.detach())).any().to(torch.int32)
-        self._nonfinite = bad if self._nonfinite is None else self._nonfinite + bad
+        in_backward = _stepping_in_backward(trainer)
+        if in_backward is None:
+            self._nonfinite = bad if self._nonfinite is None else self._nonfinite + bad
+        elif bad.item():  # the weights move in this backward (one device): decide now
+            self._handle(trainer, pl_module, trainer.global_step + 1)
+            in_backward.skip_backward = True
+
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        in_backward = _stepping_in_backward(trainer)
+        if in_backward is not None:
+            in_backward.skip_backward = False
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
         self._settle(trainer, pl_module)  # the previous step's flag: computed by now
@@ -106,6 +117,10 @@ class NonFiniteLossGuard(L.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.skipped_steps = state_dict.get("skipped_steps", 0)
+
+
+def _stepping_in_backward(trainer: L.Trainer) -> Optional[torch.optim.Optimizer]:
+    return next((each for each in trainer.optimizers if getattr(each, "steps_in_backward", False)), None)
 
 
 def skips_on_device(optimizer: torch.optim.Optimizer, trainer: L.Trainer) -> bool:

@@ -5,9 +5,11 @@ import importlib
 import math
 from typing import Literal, Union, get_args
 
+import optimi
 import torch
 from torch import nn
 
+from lt_posttrain.model.optimizer_in_backward import AdamWInBackward
 from lt_posttrain.model.sharding import full_shape
 
 Schedule = Literal["cosine", "linear", "constant"]
@@ -39,21 +41,22 @@ def build_adamw(model: nn.Module, learning_rate: float, weight_decay: float, bet
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=on_gpu or None)
 
 
-def build_optimizer(name: str, model: nn.Module, learning_rate: float, weight_decay: float):
+def build_optimizer(name: str, model: nn.Module, learning_rate: float, weight_decay: float, in_backward: bool = False):
     """The optimizer ``name`` over :func:`decay_groups` (resolve ``auto`` first, see ``model/precision.py``).
 
     ``adamw``: torch's (fused on GPU). ``adamw_kahan``: torch-optimi's AdamW with Kahan-compensated updates, so bf16
     weights lose no update smaller than their rounding step (one more bf16 buffer a weight). ``adamw_stochastic``:
     torchao's AdamW rounding bf16 weights stochastically, unbiased on average at no extra memory. ``adamw_8bit`` / ``paged_adamw_8bit``: bitsandbytes'
     8-bit states (paged: spills to the CPU under memory pressure). Else the import path of an optimizer class,
-    called as ``cls(param_groups, lr=learning_rate)``.
+    called as ``cls(param_groups, lr=learning_rate)``. ``in_backward`` (``adamw_kahan`` only): each weight steps in
+    the backward pass (``model/optimizer_in_backward.py``).
     """
     groups = [group for group in decay_groups(model, weight_decay) if group["params"]]
     if name == "adamw":
         return build_adamw(model, learning_rate, weight_decay)
+    if name == "adamw_kahan" and in_backward:
+        return AdamWInBackward(groups, learning_rate)
     if name == "adamw_kahan":
-        import optimi
-
         return optimi.AdamW(groups, lr=learning_rate, betas=(0.9, 0.999), eps=1e-8, kahan_sum=True)
     if name == "adamw_stochastic":
         return stochastic_rounding_adamw(groups, learning_rate)

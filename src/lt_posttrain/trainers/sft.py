@@ -17,6 +17,7 @@ from lt_posttrain.model.attention import VARLEN
 from lt_posttrain.model.kernels import FUSED_LOSS, LigerKernels, apply_liger_kernels, fused_loss_parts, require_liger
 from lt_posttrain.model.loading import load_causal_lm, load_tokenizer, resolve_model_path
 from lt_posttrain.model.lora import LoraOptions, apply_lora
+from lt_posttrain.errors import UserError
 from lt_posttrain.model.optim import (
     BuiltInOptimizer,
     OptimizerName,
@@ -33,6 +34,7 @@ from lt_posttrain.model.precision import (
     lost_update_warning,
     resolve_optimizer,
 )
+from lt_posttrain.model.optimizer_in_backward import check_optimizer_in_backward
 from lt_posttrain.model.parameters import describe_parameter_counts
 from lt_posttrain.model.quantization import (
     bitsandbytes_config,
@@ -82,6 +84,9 @@ class SFTModule(L.LightningModule):
             it warns that small updates are lost); ``adamw_kahan`` (torch-optimi, Kahan-compensated);
             ``adamw_stochastic`` (torchao, bf16 stochastic rounding, no extra memory); ``adamw_8bit``
             or ``paged_adamw_8bit`` (bitsandbytes, CUDA); or the import path of an optimizer class.
+        optimizer_in_backward: step each weight in the backward pass as soon as its gradient is complete, and free
+            the gradient (``adamw_kahan``, one device; no clipping, no accumulation): bf16 weights then train without
+            lost updates in the memory of plain bf16 AdamW (see ``model/optimizer_in_backward.py``).
     """
 
     def __init__(
@@ -101,6 +106,7 @@ class SFTModule(L.LightningModule):
         load_in_8bit: bool = False,
         liger: Union[bool, LigerKernels] = False,
         optimizer: OptimizerName = "auto",
+        optimizer_in_backward: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()  # as given: the CLI passes mappings where the signature says dataclass
@@ -117,9 +123,15 @@ class SFTModule(L.LightningModule):
             require_torchao("model.optimizer adamw_stochastic")
         elif optimizer not in get_args(BuiltInOptimizer):
             optimizer_class_of(optimizer)  # a wrong import path fails now
+        if optimizer_in_backward and optimizer not in ("auto", "adamw_kahan"):
+            raise UserError(f"model.optimizer_in_backward needs model.optimizer adamw_kahan (or auto), not {optimizer}")
         self.tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
         self.model = None
         self.liger_kernels: list[str] = []
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.optimizer_in_backward:
+            check_optimizer_in_backward(self.trainer)
 
     # -- the model -------------------------------------------------------------------------------------------
     def build_model(self) -> torch.nn.Module:
@@ -285,11 +297,11 @@ class SFTModule(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         strategy = self._trainer.strategy if self._trainer is not None else None
-        name = resolve_optimizer(hp.optimizer, self.model, strategy)
+        name = "adamw_kahan" if hp.optimizer_in_backward else resolve_optimizer(hp.optimizer, self.model, strategy)
         warning = lost_update_warning(name, self.model, hp.learning_rate, strategy)
         if warning:
             rank_zero_warn(warning)
-        optimizer = build_optimizer(name, self.model, hp.learning_rate, hp.weight_decay)
+        optimizer = build_optimizer(name, self.model, hp.learning_rate, hp.weight_decay, hp.optimizer_in_backward)
         total = self.total_optimizer_steps()
         scheduler = build_schedule(optimizer, hp.schedule, warmup_steps_of(total, hp.warmup), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,85 @@
+"""The optimizer step in the backward pass: the same weights as Kahan-compensated AdamW stepping after the backward,
+no gradient held when the step would come, an exact resume, and one line for what it cannot do."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+from cli_runs import failing_here, fit_args, write_recipe
+from conftest import gsm8k_chats, write_jsonl
+from grad_capture import GradCapture
+from lt_posttrain.cli import main
+from lt_posttrain.errors import UserError
+from lt_posttrain.model.optimizer_in_backward import check_optimizer_in_backward
+from test_cli import assert_one_line_error
+from test_precision import fit
+
+STEPS = 8
+IN_BACKWARD = {"optimizer_in_backward": True}
+
+
+@pytest.fixture(scope="module")
+def chats(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("chats") / "gsm8k.jsonl", gsm8k_chats(2 * STEPS))
+
+
+def test_in_backward_gives_the_weights_of_the_step_after_it_and_holds_no_gradient(tmp_path, tiny_model_dir, chats):
+    captured = {"callbacks": [{"class_path": "grad_capture.GradCapture"}]}
+    after, after_losses = fit(tmp_path, tiny_model_dir, chats, "bf16-true", "float32", "adamw_kahan", STEPS,
+                              trainer=captured)  # fmt: skip
+    inside, inside_losses = fit(tmp_path, tiny_model_dir, chats, "bf16-true", "float32", "adamw_kahan", STEPS,
+                                model=IN_BACKWARD, trainer=captured)  # fmt: skip
+    assert inside.model.optimizers().optimizer.steps_in_backward
+    assert inside_losses == after_losses and len(inside_losses) == STEPS
+    weights = {name: p for name, p in after.model.model.named_parameters()}
+    assert all(p.dtype == torch.bfloat16 for p in weights.values())
+    assert all(torch.equal(p, weights[name]) for name, p in inside.model.model.named_parameters())
+
+    def grads_at_each_step(cli) -> list[int]:
+        [capture] = [callback for callback in cli.trainer.callbacks if isinstance(callback, GradCapture)]
+        return [len(grads) for grads in capture.grads]
+
+    assert grads_at_each_step(after) == [len(weights)] * STEPS  # every gradient held until the step
+    assert grads_at_each_step(inside) == [0] * STEPS  # each freed as soon as its weight moved
+
+
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, tiny_model_dir, chats):
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_model_dir, chats, model=IN_BACKWARD,
+                          trainer={"max_steps": 6, "accumulate_grad_batches": 1, "precision": "bf16-true"},
+                          training_state={"every_n_steps": 3, "keep_last": -1})  # fmt: skip
+    main(fit_args(recipe, tmp_path / "straight", "run"))
+    resume = ("--ckpt_path", tmp_path / "straight" / "checkpoints" / "step-3.ckpt")
+    main(fit_args(recipe, tmp_path / "resumed", "run", *resume))
+    straight, resumed = (torch.load(tmp_path / run / "checkpoints" / "step-6.ckpt", weights_only=True)
+                         for run in ("straight", "resumed"))  # fmt: skip
+    assert all(torch.equal(resumed["state_dict"][name], value) for name, value in straight["state_dict"].items())
+    [state] = straight["optimizer_states"]
+    assert all("group" not in each for each in state["state"].values())  # no link back into the groups saved
+    assert {"exp_avg", "exp_avg_sq", "kahan_comp"} <= set(state["state"][0])
+
+
+@pytest.mark.parametrize(
+    "trainer,refused",
+    [
+        ({"accumulate_grad_batches": 2, "gradient_clip_val": None}, "set trainer.accumulate_grad_batches 1"),
+        ({"accumulate_grad_batches": 1, "gradient_clip_val": 1.0}, "unset trainer.gradient_clip_val"),
+    ],
+)
+def test_what_it_cannot_do_is_one_line(tmp_path, tiny_model_dir, chats, capsys, trainer, refused):
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_model_dir, chats, model=IN_BACKWARD,
+                          trainer={"max_steps": 2, **trainer})  # fmt: skip
+    result = failing_here(capsys, *fit_args(recipe, tmp_path, "run"))
+    assert_one_line_error(result, "model.optimizer_in_backward", refused)
+
+
+def test_it_runs_on_one_device_with_adamw_kahan_only(tiny_model_dir):
+    from lt_posttrain import SFTModule
+
+    one = SimpleNamespace(accumulate_grad_batches=1, gradient_clip_val=None, strategy=SingleDeviceStrategy("cpu"))
+    check_optimizer_in_backward(one)
+    with pytest.raises(UserError, match="runs on one device.*DDPStrategy.*trainer.devices 1"):
+        check_optimizer_in_backward(SimpleNamespace(**{**vars(one), "strategy": DDPStrategy()}))
+    with pytest.raises(UserError, match="needs model.optimizer adamw_kahan .or auto., not adamw$"):
+        SFTModule(str(tiny_model_dir), optimizer="adamw", optimizer_in_backward=True)

@@ -50,7 +50,7 @@ def ours(args) -> dict:
     mixed = args.precision == "bf16-mixed"  # fp32 weights and AdamW states, bf16 compute
     model = {"name_or_path": str(model_dir), "dtype": "float32" if mixed else "bfloat16", "learning_rate": 1e-5,
              "warmup": 0, "schedule": "constant", "optimizer": args.optimizer, "gradient_checkpointing": bool(args.gc),
-             "attn_implementation": args.attention}  # fmt: skip
+             "attn_implementation": args.attention, "optimizer_in_backward": bool(args.in_backward)}  # fmt: skip
     if args.liger:
         model["liger"] = True
     recipe = {
@@ -59,7 +59,7 @@ def ours(args) -> dict:
         "data": {"sources": [str(chats)], "max_length": args.seq, "batch_size": args.micro_batch, "packing": True,
                  "num_workers": 2, "num_proc": 8},
         "trainer": {"accelerator": args.accelerator, "devices": 1, "precision": args.precision, "max_steps": args.steps,
-                    "gradient_clip_val": 1.0, "logger": False, "enable_progress_bar": False,
+                    "gradient_clip_val": None if args.in_backward else 1.0, "logger": False, "enable_progress_bar": False,
                     "enable_checkpointing": False, "log_every_n_steps": 5, "default_root_dir": str(work)},
         "checkpoint": {"save_end_of_training": False},
         "throughput": {"warmup_steps": 5, "peak_tflops": MEASURED_MATMUL_TFLOPS},
@@ -72,7 +72,9 @@ def ours(args) -> dict:
     [meter] = [callback for callback in cli.trainer.callbacks if isinstance(callback, ThroughputMeter)]
     summary = meter.summary
     return {"system": "lt-posttrain", "arch": args.shape, "liger": bool(args.liger), "grad_ckpt": bool(args.gc),
-            "attention": args.attention, "precision": args.precision, "profiled": bool(args.profile), "optimizer": meter_optimizer(cli), "seq": args.seq, "micro_batch": args.micro_batch, "steps": args.steps,
+            "attention": args.attention, "precision": args.precision, "profiled": bool(args.profile),
+            "optimizer": meter_optimizer(cli), "in_backward": bool(args.in_backward), "seq": args.seq,
+            "micro_batch": args.micro_batch, "steps": args.steps,
             "tokens_per_s": round(summary["tokens_per_s"]), "tflops": round(summary["tflops"], 1),
             "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
             "final_loss": round(float(cli.trainer.logged_metrics["train/loss"]), 3),
@@ -101,8 +103,8 @@ def _run(command: list[str], out: Path, timeout: int) -> None:
         handle.write(json.dumps(result) + "\n")
 
 
-RUNS = ("ours-gc", "ours-nogc", "ours-noliger", "ours-mixed", "ours-kahan", "ours-stochastic", "ours-profile",
-        "trl-contiguous-liger", "trl-contiguous", "trl-padding-free", "loop-gc", "loop-nogc")
+RUNS = ("ours-gc", "ours-nogc", "ours-noliger", "ours-mixed", "ours-kahan", "ours-kahan-in-backward", "ours-stochastic",
+        "ours-profile", "trl-contiguous-liger", "trl-contiguous", "trl-padding-free", "loop-gc", "loop-nogc")
 
 
 def suite(args) -> None:
@@ -117,6 +119,7 @@ def suite(args) -> None:
             "ours-gc": mine + ["--liger", "1", "--gc", "1"],
             "ours-mixed": mine + ["--liger", "1", "--gc", "1", "--precision", "bf16-mixed", "--optimizer", "auto"],
             "ours-kahan": mine + ["--liger", "1", "--gc", "1", "--optimizer", "adamw_kahan"],
+            "ours-kahan-in-backward": mine + ["--liger", "1", "--gc", "1", "--optimizer", "adamw_kahan", "--in-backward", "1"],
             "ours-stochastic": mine + ["--liger", "1", "--gc", "1", "--optimizer", "adamw_stochastic"],
             "ours-profile": mine + ["--liger", "1", "--gc", "1", "--profile", str(out.with_suffix(f".{shape}.profile.txt"))],
             "ours-nogc": mine + ["--liger", "1", "--gc", "0"],
@@ -147,7 +150,8 @@ def table(path: str) -> str:
     def weights(result: dict) -> str:
         if result.get("system") != "lt-posttrain":
             return "bf16, torch AdamW"
-        return f"{'fp32 (bf16-mixed)' if result.get('precision') == 'bf16-mixed' else 'bf16'}, {result.get('optimizer')}"
+        where = ", in the backward pass, no clipping" if result.get("in_backward") else ""
+        return f"{'fp32 (bf16-mixed)' if result.get('precision') == 'bf16-mixed' else 'bf16'}, {result.get('optimizer')}{where}"
 
     for arch in dict.fromkeys(result.get("arch") for result in results if "error" not in result):
         mine = [r for r in results if r.get("arch") == arch and "error" not in r and not r.get("profiled")]
@@ -190,6 +194,8 @@ def main() -> None:
     commands.choices["ours"].add_argument("--accelerator", default="gpu", help="cpu: a smoke test of this script")
     commands.choices["ours"].add_argument("--precision", default="bf16-true")
     commands.choices["ours"].add_argument("--optimizer", default="adamw", help="adamw: plain bf16 AdamW, as TRL runs")
+    commands.choices["ours"].add_argument("--in-backward", type=int, default=0,
+                                          help="1: model.optimizer_in_backward (no gradient clipping then)")
     commands.choices["ours"].add_argument("--profile", help="write where the time of steps 10-12 goes to this file")
     commands.add_parser("table").add_argument("results")
     args = parser.parse_args()

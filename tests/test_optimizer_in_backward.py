@@ -83,3 +83,17 @@ def test_it_runs_on_one_device_with_adamw_kahan_only(tiny_model_dir):
         check_optimizer_in_backward(SimpleNamespace(**{**vars(one), "strategy": DDPStrategy()}))
     with pytest.raises(UserError, match="needs model.optimizer adamw_kahan .or auto., not adamw$"):
         SFTModule(str(tiny_model_dir), optimizer="adamw", optimizer_in_backward=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_the_triton_step_in_backward_matches_the_step_after_it(tmp_path, tiny_model_dir, chats):
+    gpu = {"accelerator": "gpu", "devices": 1}
+    after, after_losses = fit(tmp_path, tiny_model_dir, chats, "bf16-true", "float32", "adamw_kahan", STEPS,
+                              trainer=gpu)  # fmt: skip
+    inside, inside_losses = fit(tmp_path, tiny_model_dir, chats, "bf16-true", "float32", "adamw_kahan", STEPS,
+                                model=IN_BACKWARD, trainer=gpu)  # fmt: skip
+    assert inside.model.optimizers().optimizer.param_groups[0]["triton"]
+    assert max(abs(a - b) for a, b in zip(inside_losses, after_losses)) < 1e-2
+    weights = dict(after.model.model.named_parameters())
+    for name, p in inside.model.model.named_parameters():
+        torch.testing.assert_close(p, weights[name], rtol=1e-2, atol=1e-3)

@@ -10,7 +10,7 @@ import torch
 from lt_posttrain import SFTModule
 from lt_posttrain.errors import UserError
 from lt_posttrain.model.kernels import apply_liger_kernels
-from lt_posttrain.model.loading import load_causal_lm, resolve_model_path
+from lt_posttrain.model.loading import import_model_code, load_causal_lm, resolve_model_path
 from lt_posttrain.model.sharding import is_fsdp, sharded_creation, wrap_decoder_layers, zero3_config
 from lt_posttrain_dpo.datamodule import PreferenceDataModule
 from lt_posttrain_dpo.loss import dpo_loss, pair_logps
@@ -52,6 +52,7 @@ class DPOModule(SFTModule):
                             "model.reference_name_or_path, or set precomputed_reference: false")  # fmt: skip
         if reference_name_or_path:
             resolve_model_path(reference_name_or_path)  # a wrong path fails now, in one line
+            import_model_code(reference_name_or_path, self.hparams.trust_remote_code)  # before any zero.Init
         self.beta, self.precomputed_reference = beta, precomputed_reference
         self.reference_name_or_path = reference_name_or_path
         self.reference_model = None

@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lt_posttrain.model.attention import VARLEN
 from lt_posttrain.model.kernels import FUSED_LOSS, LigerKernels, apply_liger_kernels, fused_loss_parts, require_liger
-from lt_posttrain.model.loading import load_causal_lm, load_tokenizer, resolve_model_path
+from lt_posttrain.model.loading import import_model_code, load_causal_lm, load_tokenizer, resolve_model_path
 from lt_posttrain.model.lora import LoraOptions, apply_lora
 from lt_posttrain.errors import UserError
 from lt_posttrain.model.optim import (
@@ -126,6 +126,7 @@ class SFTModule(L.LightningModule):
         if optimizer_in_backward and optimizer not in ("auto", "adamw_kahan"):
             raise UserError(f"model.optimizer_in_backward needs model.optimizer adamw_kahan (or auto), not {optimizer}")
         self.tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
+        import_model_code(name_or_path, trust_remote_code)  # outside ZeRO-3's zero.Init, which configure_model is in
         self.model = None
         self.liger_kernels: list[str] = []
 

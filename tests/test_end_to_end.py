@@ -37,8 +37,8 @@ def test_cli_fine_tune_lowers_held_out_loss_and_exports(tmp_path):
     command = [
         sys.executable, "-m", "lt_posttrain.cli", "fit", f"--model.name_or_path={SMOLLM2_GGUF}",
         "--model.learning_rate=5e-5", "--model.warmup=3", f"--data.sources=[{train}]", f"--data.val_sources=[{val}]",
-        "--data.max_length=1024", "--data.batch_size=1", "--data.packing=true", "--trainer.accelerator=cpu",
-        "--trainer.max_steps=30", "--trainer.val_check_interval=15", "--trainer.log_every_n_steps=1",
+        "--data.max_length=512", "--data.batch_size=1", "--data.packing=true", "--trainer.accelerator=cpu",
+        "--trainer.max_steps=20", "--trainer.val_check_interval=10", "--trainer.log_every_n_steps=1",
         f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false",
         f"--checkpoint.output_dir={output}",
     ]  # fmt: skip

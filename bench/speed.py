@@ -59,8 +59,8 @@ def ours(args) -> dict:
         "data": {"sources": [str(chats)], "max_length": args.seq, "batch_size": args.micro_batch, "packing": True,
                  "num_workers": 2, "num_proc": 8},
         "trainer": {"accelerator": args.accelerator, "devices": 1, "precision": args.precision, "max_steps": args.steps,
-                    "gradient_clip_val": None if args.in_backward else 1.0, "logger": False, "enable_progress_bar": False,
-                    "enable_checkpointing": False, "log_every_n_steps": 5, "default_root_dir": str(work)},
+                    "gradient_clip_val": None if args.in_backward else 1.0, "logger": False,
+                    "enable_progress_bar": False, "enable_checkpointing": False, "log_every_n_steps": 5, "default_root_dir": str(work)},
         "checkpoint": {"save_end_of_training": False},
         "throughput": {"warmup_steps": 5, "peak_tflops": MEASURED_MATMUL_TFLOPS},
     }  # fmt: skip
@@ -119,7 +119,8 @@ def suite(args) -> None:
             "ours-gc": mine + ["--liger", "1", "--gc", "1"],
             "ours-mixed": mine + ["--liger", "1", "--gc", "1", "--precision", "bf16-mixed", "--optimizer", "auto"],
             "ours-kahan": mine + ["--liger", "1", "--gc", "1", "--optimizer", "adamw_kahan"],
-            "ours-kahan-in-backward": mine + ["--liger", "1", "--gc", "1", "--optimizer", "adamw_kahan", "--in-backward", "1"],
+            "ours-kahan-in-backward": mine + ["--liger", "1", "--gc", "1", "--optimizer", "adamw_kahan",
+                                              "--in-backward", "1"],
             "ours-stochastic": mine + ["--liger", "1", "--gc", "1", "--optimizer", "adamw_stochastic"],
             "ours-profile": mine + ["--liger", "1", "--gc", "1", "--profile", str(out.with_suffix(f".{shape}.profile.txt"))],
             "ours-nogc": mine + ["--liger", "1", "--gc", "0"],
@@ -150,8 +151,9 @@ def table(path: str) -> str:
     def weights(result: dict) -> str:
         if result.get("system") != "lt-posttrain":
             return "bf16, torch AdamW"
+        weights = "fp32 (bf16-mixed)" if result.get("precision") == "bf16-mixed" else "bf16"
         where = ", in the backward pass, no clipping" if result.get("in_backward") else ""
-        return f"{'fp32 (bf16-mixed)' if result.get('precision') == 'bf16-mixed' else 'bf16'}, {result.get('optimizer')}{where}"
+        return f"{weights}, {result.get('optimizer')}{where}"
 
     for arch in dict.fromkeys(result.get("arch") for result in results if "error" not in result):
         mine = [r for r in results if r.get("arch") == arch and "error" not in r and not r.get("profiled")]

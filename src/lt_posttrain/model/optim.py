@@ -46,8 +46,8 @@ def build_optimizer(name: str, model: nn.Module, learning_rate: float, weight_de
 
     ``adamw``: torch's (fused on GPU). ``adamw_kahan``: torch-optimi's AdamW with Kahan-compensated updates, so bf16
     weights lose no update smaller than their rounding step (one more bf16 buffer a weight). ``adamw_stochastic``:
-    torchao's AdamW rounding bf16 weights stochastically, unbiased on average at no extra memory. ``adamw_8bit`` / ``paged_adamw_8bit``: bitsandbytes'
-    8-bit states (paged: spills to the CPU under memory pressure). Else the import path of an optimizer class,
+    torchao's AdamW rounding bf16 weights stochastically, unbiased on average at no extra memory. ``adamw_8bit`` /
+    ``paged_adamw_8bit``: bitsandbytes' 8-bit states (paged: spills to the CPU under memory pressure). Else the import path of an optimizer class,
     called as ``cls(param_groups, lr=learning_rate)``. ``in_backward`` (``adamw_kahan`` only): each weight steps in
     the backward pass (``model/optimizer_in_backward.py``).
     """

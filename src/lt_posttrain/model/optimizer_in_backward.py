@@ -70,5 +70,6 @@ def check_optimizer_in_backward(trainer) -> None:
         raise UserError(f"{what} cannot clip gradients (each weight moves before the norm is known): unset "
                         "trainer.gradient_clip_val")  # fmt: skip
     if not isinstance(trainer.strategy, SingleDeviceStrategy):
+        strategy = type(trainer.strategy).__name__
         raise UserError(f"{what} runs on one device (data parallelism and sharding average the gradients after the "
-                        f"step would run), not with {type(trainer.strategy).__name__}: use trainer.devices 1")  # fmt: skip
+                        f"step would run), not with {strategy}: use trainer.devices 1")  # fmt: skip

@@ -13,11 +13,11 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lt_posttrain.errors import UserError
 from lt_posttrain.model.attention import VARLEN
 from lt_posttrain.model.kernels import FUSED_LOSS, LigerKernels, apply_liger_kernels, fused_loss_parts, require_liger
 from lt_posttrain.model.loading import import_model_code, load_causal_lm, load_tokenizer, resolve_model_path
 from lt_posttrain.model.lora import LoraOptions, apply_lora
-from lt_posttrain.errors import UserError
 from lt_posttrain.model.optim import (
     BuiltInOptimizer,
     OptimizerName,
@@ -28,13 +28,13 @@ from lt_posttrain.model.optim import (
     require_torchao,
     warmup_steps_of,
 )
+from lt_posttrain.model.optimizer_in_backward import check_optimizer_in_backward
 from lt_posttrain.model.precision import (
     clip_under_bf16_autocast,
     keeps_master_weights,
     lost_update_warning,
     resolve_optimizer,
 )
-from lt_posttrain.model.optimizer_in_backward import check_optimizer_in_backward
 from lt_posttrain.model.parameters import describe_parameter_counts
 from lt_posttrain.model.quantization import (
     bitsandbytes_config,

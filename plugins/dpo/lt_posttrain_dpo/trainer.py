@@ -58,6 +58,7 @@ class DPOModule(SFTModule):
         self.reference_model = None
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         datamodule = self.trainer.datamodule
         if stage != "predict" and datamodule is not None and not isinstance(datamodule, PreferenceDataModule):
             raise UserError("model dpo learns from preference pairs: set data.class_path to preference (sources "

@@ -2,7 +2,8 @@
 
 It profiles ``steps`` optimizer steps from ``first_step`` (torch.profiler, CPU and CUDA), then writes to ``out``: the
 wall time of those steps, the GPU's busy time, the GPU time by kind of kernel (matrix products, attention, Liger's
-kernels, optimizer, ...) and the 40 kernels that took longest.
+kernels, optimizer, ...), the host's waits on the GPU (synchronisations and blocking copies: each one drains the
+launch queue and leaves the GPU idle while the host catches up) and the 40 kernels that took longest.
 """
 
 import json
@@ -34,6 +35,12 @@ def is_kernel(event) -> bool:
     """A GPU kernel's own record (not the CPU op that launched it, nor a named range such as ``Optimizer.step``)."""
     on_gpu = event.device_type == torch.autograd.DeviceType.CUDA
     return on_gpu and not getattr(event, "is_user_annotation", False) and event.self_device_time_total > 0
+
+
+def is_host_wait(event) -> bool:
+    """A CUDA runtime call on the host that blocks until the GPU catches up (a sync, or a copy to the host)."""
+    on_host = event.device_type == torch.autograd.DeviceType.CPU
+    return on_host and bool(re.search(r"Synchronize|cudaMemcpy(?!.*Async)|_local_scalar_dense", event.key))
 
 
 def kind_of(kernel: str) -> str:
@@ -109,6 +116,10 @@ class ProfileSteps(L.Callback):
                  "| kind of kernel | ms a step | share of GPU time |", "|---|---|---|"]  # fmt: skip
         for kind, ms in sorted(by_kind.items(), key=lambda item: -item[1]):
             lines.append(f"| {kind} | {ms / self.steps:.1f} | {100 * ms / busy_ms:.1f}% |")
+        waits = [(event.key, event.cpu_time_total / 1e3, event.count)
+                 for event in self.profiler.key_averages() if is_host_wait(event)]  # fmt: skip
+        lines += ["", "| host waits on the GPU | ms a step | calls a step |", "|---|---|---|"]
+        lines += [f"| `{name}` | {ms / self.steps:.2f} | {count / self.steps:.1f} |" for name, ms, count in waits]
         lines += ["", "| kernel | kind | ms a step | calls a step |", "|---|---|---|---|"]
         for name, ms, count in sorted(kernels, key=lambda item: -item[1])[:40]:
             lines.append(f"| `{name[:90]}` | {kind_of(name)} | {ms / self.steps:.2f} | {count // self.steps} |")

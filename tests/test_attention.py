@@ -66,6 +66,26 @@ def test_varlen_kernel_on_gpu_matches_sdpa_per_sample(tiny_model_dir, tokenizer)
         torch.testing.assert_close(got.float(), expected.float(), atol=5e-2, rtol=5e-2)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_varlen_kernel_gradients_on_gpu_match_sdpa_per_sample(tiny_model_dir, tokenizer):
+    """The tiny model has 4 query heads over 2 key/value heads: the kernel's own grouped-query backward (k and v not
+    expanded) must give the key and value projections the gradients per-sample SDPA gives them."""
+    register_varlen_attention()
+    samples = samples_of(tokenizer)
+    gradients = {}
+    for implementation in ("varlen", "sdpa"):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16, attn_implementation=implementation)
+        model = model.cuda()
+        logits = packed_logits(model, samples, "cuda") if implementation == "varlen" else logits_alone(model, samples, "cuda")
+        loss = sum(torch.nn.functional.cross_entropy(out[:-1].float(), torch.tensor(s["input_ids"][1:], device="cuda"))
+                   for out, s in zip(logits, samples))  # fmt: skip
+        loss.backward()
+        gradients[implementation] = {name: p.grad.float() for name, p in model.named_parameters() if "_proj" in name}
+    for name, expected in gradients["sdpa"].items():
+        error = (gradients["varlen"][name] - expected).norm() / expected.norm()
+        assert error < 2e-2, f"{name}: relative gradient error {error:.3g}"
+
+
 @pytest.mark.parametrize("implementation", ["varlen", "sdpa"])
 def test_changing_one_packed_sample_leaves_the_others_alone(tiny_model_dir, tokenizer, implementation):
     """Through SFTModule.forward, as training runs it: ``varlen`` and the ``sdpa`` switch (a block mask from the

@@ -79,7 +79,7 @@ class NonFiniteLossGuard(L.Callback):
         if self._pending is not None and (self._pending[2] is None or self._pending[2].query()):
             self._settle(trainer, pl_module)
         if self.action == "skip":
-            pl_module.log("train/skipped_steps", float(self.skipped_steps))
+            pl_module.log("train/skipped_steps", torch.tensor(float(self.skipped_steps)))  # on the CPU: no GPU wait
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         self._settle(trainer, pl_module)  # a stop raises here, before anything is written

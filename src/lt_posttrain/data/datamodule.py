@@ -166,9 +166,11 @@ class InstructDataModule(L.LightningDataModule):
         # Its own generator: starting an iteration (validation, too) then draws nothing from the global one, which
         # dropout uses, so a resumed run draws the same dropout masks as an uninterrupted one.
         generator = torch.Generator().manual_seed(self.seed)
+        # Pinned batches: Lightning's non-blocking copy to the GPU then does not wait for the queued steps.
+        pin = trainer is not None and trainer.strategy.root_device.type == "cuda"
         return StatefulDataLoader(
             self.batch_dataset(samples), sampler=sampler, batch_size=None, num_workers=self.num_workers,
-            generator=generator,
+            generator=generator, pin_memory=pin,
         )  # fmt: skip
 
     def train_dataloader(self):

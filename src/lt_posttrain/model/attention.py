@@ -7,6 +7,7 @@ it, so transformers never builds a dense mask. Sample boundaries arrive as ``cu_
 is exact for every real token.
 """
 
+import functools
 import inspect
 
 import torch
@@ -22,6 +23,13 @@ def _expand_kv(key: torch.Tensor, value: torch.Tensor, heads: int, dim: int):
     return key.repeat_interleave(groups, dim=dim), value.repeat_interleave(groups, dim=dim)
 
 
+@functools.cache
+def _varlen_attn_takes_enable_gqa() -> bool:
+    from torch.nn.attention.varlen import varlen_attn
+
+    return "enable_gqa" in inspect.signature(varlen_attn).parameters
+
+
 def _varlen_cuda(query, key, value, cu_q, cu_k, max_q, max_k, scaling):
     from torch.nn.attention.varlen import varlen_attn
 
@@ -29,12 +37,9 @@ def _varlen_cuda(query, key, value, cu_q, cu_k, max_q, max_k, scaling):
     q = query.transpose(1, 2).reshape(batch * tokens, heads, dim)
     k = key.transpose(1, 2).reshape(batch * tokens, key.shape[1], dim)
     v = value.transpose(1, 2).reshape(batch * tokens, value.shape[1], dim)
-    extra = {}
-    if k.shape[1] != heads:
-        if "enable_gqa" in inspect.signature(varlen_attn).parameters:
-            extra["enable_gqa"] = True
-        else:
-            k, v = _expand_kv(k, v, heads, dim=1)
+    # Grouped-query attention: the flash kernel reads each key/value head for its group of query heads itself, so
+    # k and v are never expanded. newer torch asks for enable_gqa; its first releases of varlen_attn pass them through unchecked.
+    extra = {"enable_gqa": True} if k.shape[1] != heads and _varlen_attn_takes_enable_gqa() else {}
     out = varlen_attn(q, k, v, cu_q, cu_k, int(max_q), int(max_k), scale=scaling, window_size=(-1, 0), **extra)
     return out.view(batch, tokens, heads, dim)
 

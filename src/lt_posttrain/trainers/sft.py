@@ -246,7 +246,8 @@ class SFTModule(L.LightningModule):
         step_loss, tokens = self._sum_over_ranks(self._step_stats.clone())
         self._tokens_seen += tokens
         self.log("train/loss", step_loss, prog_bar=True)
-        self.log("train/lr", optimizer.param_groups[0]["lr"])
+        # A CPU tensor: a float would be copied to the GPU from pageable memory, which waits for the queued steps.
+        self.log("train/lr", torch.tensor(float(optimizer.param_groups[0]["lr"])))
         self.log("train/tokens_seen", self._tokens_seen.float())
         self._step_stats.zero_()
 

@@ -12,7 +12,7 @@ from conftest import gsm8k_chats, write_jsonl
 from grad_capture import GradCapture
 from lt_posttrain.cli import main
 from lt_posttrain.errors import UserError
-from lt_posttrain.model.optimizer_in_backward import check_optimizer_in_backward
+from lt_posttrain.model.optimizer_in_backward import AdamWInBackward, check_optimizer_in_backward
 from test_cli import assert_one_line_error
 from test_precision import fit
 
@@ -43,6 +43,25 @@ def test_in_backward_gives_the_weights_of_the_step_after_it_and_holds_no_gradien
 
     assert grads_at_each_step(after) == [len(weights)] * STEPS  # every gradient held until the step
     assert grads_at_each_step(inside) == [0] * STEPS  # each freed as soon as its weight moved
+
+
+def test_its_state_holds_only_each_weights_own_buffers(tiny_model_dir):
+    """Lightning moves the optimizer state to the CPU when a fit ends: a link from a weight's state to its group
+    would copy every weight of the group once for each weight (on a GPU, hundreds of GiB of host memory)."""
+    from lightning.fabric.utilities.optimizer import _optimizer_to_device
+    from transformers import AutoModelForCausalLM
+
+    from lt_posttrain.model.optim import decay_groups
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    optimizer = AdamWInBackward([g for g in decay_groups(model, 0.1) if g["params"]], 1e-3)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    model(input_ids=torch.arange(16)[None], labels=torch.arange(16)[None]).loss.backward()
+    assert all(not torch.equal(p, before[name]) for name, p in model.named_parameters())  # stepped in the backward
+    _optimizer_to_device(optimizer, torch.device("cpu"))
+    for param, state in optimizer.state.items():
+        assert set(state) == {"exp_avg", "exp_avg_sq", "kahan_comp", "step"}
+        assert all(value is None or value.shape == param.shape for key, value in state.items() if key != "step")
 
 
 def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, tiny_model_dir, chats):

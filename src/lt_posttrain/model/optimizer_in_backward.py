@@ -26,14 +26,21 @@ class AdamWInBackward(optimi.AdamW):
                          triton=triton, gradient_release=True)  # fmt: skip
         self.skip_backward = False  # set for one backward (a non-finite loss, skipped): gradients dropped
         self._group_of = self._groups_by_weight()
+        for param in trained:  # optimi links each weight's state to its group: linked only while it steps (below)
+            self.state[param].pop("group", None)
         self.hooks = [p.register_post_accumulate_grad_hook(self._step_one) for p in trained]
 
     def _step_one(self, param: torch.Tensor) -> None:
         if not self.skip_backward:
-            # optimi finds a weight's group in its state; Lightning's device moves copy that state, and a loaded
-            # state_dict brings new groups: link the live one each time, or the schedule's learning rate is missed.
-            self.state[param]["group"] = self._group_of[param]
-            super().step(param=param)
+            # optimi finds a weight's group in its state. Kept there, it would be copied with the state: Lightning
+            # moves the state to the CPU at the end of a fit, which would then copy every weight of the group once
+            # for each weight, and a loaded state_dict brings new groups (the schedule's learning rate missed).
+            state = self.state[param]
+            state["group"] = self._group_of[param]
+            try:
+                super().step(param=param)
+            finally:
+                del state["group"]
         param.grad = None
 
     def _groups_by_weight(self) -> dict:
@@ -47,11 +54,6 @@ class AdamWInBackward(optimi.AdamW):
             with torch.enable_grad():
                 return closure()
         return None
-
-    def state_dict(self) -> dict:  # the link to the group is not state to save
-        state = super().state_dict()
-        state["state"] = {key: {k: v for k, v in each.items() if k != "group"} for key, each in state["state"].items()}
-        return state
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)

@@ -104,7 +104,7 @@ def _run(command: list[str], out: Path, timeout: int) -> None:
 
 
 RUNS = ("ours-gc", "ours-nogc", "ours-noliger", "ours-mixed", "ours-kahan", "ours-kahan-in-backward", "ours-stochastic",
-        "ours-profile", "trl-contiguous-liger", "trl-contiguous", "trl-padding-free", "loop-gc", "loop-nogc")
+        "ours-stochastic-in-backward", "ours-profile", "trl-contiguous-liger", "trl-contiguous", "trl-padding-free", "loop-gc", "loop-nogc")
 
 
 def suite(args) -> None:
@@ -122,6 +122,8 @@ def suite(args) -> None:
             "ours-kahan-in-backward": mine + ["--liger", "1", "--gc", "1", "--optimizer", "adamw_kahan",
                                               "--in-backward", "1"],
             "ours-stochastic": mine + ["--liger", "1", "--gc", "1", "--optimizer", "adamw_stochastic"],
+            "ours-stochastic-in-backward": mine + ["--liger", "1", "--gc", "1", "--optimizer", "adamw_stochastic",
+                                                   "--in-backward", "1"],
             "ours-profile": mine + ["--liger", "1", "--gc", "1", "--profile", str(out.with_suffix(f".{shape}.profile.txt"))],
             "ours-nogc": mine + ["--liger", "1", "--gc", "0"],
             "ours-noliger": mine + ["--liger", "0", "--gc", "1"],

@@ -12,8 +12,10 @@ from conftest import gsm8k_chats, write_jsonl
 from grad_capture import GradCapture
 from lt_posttrain.cli import main
 from lt_posttrain.errors import UserError
+from lt_posttrain.model.optim import torchao_adamw
 from lt_posttrain.model.optimizer_in_backward import AdamWInBackward, check_optimizer_in_backward
 from test_cli import assert_one_line_error
+from test_precision import STEPS as PRECISION_STEPS
 from test_precision import fit
 
 STEPS = 8
@@ -64,8 +66,11 @@ def test_its_state_holds_only_each_weights_own_buffers(tiny_model_dir):
         assert all(value is None or value.shape == param.shape for key, value in state.items() if key != "step")
 
 
-def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, tiny_model_dir, chats):
-    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_model_dir, chats, model=IN_BACKWARD,
+@pytest.mark.parametrize("optimizer", ["adamw_kahan", "adamw_stochastic"])
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, tiny_model_dir, chats, optimizer):
+    if optimizer == "adamw_stochastic":
+        pytest.importorskip("torchao")
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_model_dir, chats, model={**IN_BACKWARD, "optimizer": optimizer},
                           trainer={"max_steps": 6, "accumulate_grad_batches": 1, "precision": "bf16-true"},
                           training_state={"every_n_steps": 3, "keep_last": -1})  # fmt: skip
     main(fit_args(recipe, tmp_path / "straight", "run"))
@@ -76,7 +81,37 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, t
     assert all(torch.equal(resumed["state_dict"][name], value) for name, value in straight["state_dict"].items())
     [state] = straight["optimizer_states"]
     assert all("group" not in each for each in state["state"].values())  # no link back into the groups saved
-    assert {"exp_avg", "exp_avg_sq", "kahan_comp"} <= set(state["state"][0])
+    assert {"exp_avg", "exp_avg_sq"} <= set(state["state"][0])
+    assert ("kahan_comp" in state["state"][0]) == (optimizer == "adamw_kahan")  # stochastic rounding: no buffer
+
+
+def test_stochastic_rounding_in_backward_tracks_the_fp32_run_and_holds_no_gradient(tmp_path, bf16_exact_model):
+    """torchao's stochastically rounding AdamW stepped in the backward pass: bf16 weights and states only, no
+    gradient left when the step would come, and the weights move as the fp32-master run's do (noisier, unbiased)."""
+    pytest.importorskip("torchao")
+    from transformers import AutoModelForCausalLM
+
+    chats = write_jsonl(tmp_path / "chats.jsonl", gsm8k_chats(2 * PRECISION_STEPS))
+    captured = {"callbacks": [{"class_path": "grad_capture.GradCapture"}]}
+    start = AutoModelForCausalLM.from_pretrained(bf16_exact_model).state_dict()
+    master, master_losses = fit(tmp_path, bf16_exact_model, chats, "bf16-mixed", "float32", "auto")
+    rounded, rounded_losses = fit(tmp_path, bf16_exact_model, chats, "bf16-true", "float32", "adamw_stochastic",
+                                  model=IN_BACKWARD, trainer=captured)  # fmt: skip
+    optimizer = rounded.model.optimizers().optimizer
+    assert optimizer.steps_in_backward and isinstance(optimizer, torchao_adamw())
+    assert all(set(state) == {"step", "exp_avg", "exp_avg_sq"} for state in optimizer.state.values())
+    assert all(p.dtype == torch.bfloat16 for p in rounded.model.model.parameters())
+    [capture] = [callback for callback in rounded.trainer.callbacks if isinstance(callback, GradCapture)]
+    assert [len(grads) for grads in capture.grads] == [0] * PRECISION_STEPS
+
+    names = [name for name, value in rounded.model.model.named_parameters() if value.ndim >= 2]
+    weights = {"master": master.model.model.state_dict(), "rounded": rounded.model.model.state_dict()}
+    moved = sum(((weights["master"][n].float() - start[n]) ** 2).sum() for n in names).sqrt()
+    distance = float(sum(((weights["rounded"][n].float() - weights["master"][n].float()) ** 2).sum() for n in names).sqrt() / moved)
+    untouched = sum(int((weights["rounded"][n].float() == start[n]).sum()) for n in names) / sum(start[n].numel() for n in names)
+    print(f"stochastic rounding in the backward: distance to the fp32-master run {distance:.3f}, untouched {untouched:.2f}")
+    assert untouched < 0.5 and distance < 0.7  # plain bf16 AdamW ends 0.93 away with most weights untouched
+    assert max(abs(a - b) for a, b in zip(rounded_losses, master_losses)) < 1e-2
 
 
 @pytest.mark.parametrize(
@@ -93,14 +128,14 @@ def test_what_it_cannot_do_is_one_line(tmp_path, tiny_model_dir, chats, capsys, 
     assert_one_line_error(result, "model.optimizer_in_backward", refused)
 
 
-def test_it_runs_on_one_device_with_adamw_kahan_only(tiny_model_dir):
+def test_it_runs_on_one_device_with_a_compensated_adamw_only(tiny_model_dir):
     from lt_posttrain import SFTModule
 
     one = SimpleNamespace(accumulate_grad_batches=1, gradient_clip_val=None, strategy=SingleDeviceStrategy("cpu"))
     check_optimizer_in_backward(one)
     with pytest.raises(UserError, match="runs on one device.*DDPStrategy.*trainer.devices 1"):
         check_optimizer_in_backward(SimpleNamespace(**{**vars(one), "strategy": DDPStrategy()}))
-    with pytest.raises(UserError, match="needs model.optimizer adamw_kahan .or auto., not adamw$"):
+    with pytest.raises(UserError, match="needs model.optimizer adamw_kahan .or auto. or adamw_stochastic, not adamw$"):
         SFTModule(str(tiny_model_dir), optimizer="adamw", optimizer_in_backward=True)
 
 
@@ -116,3 +151,16 @@ def test_on_a_gpu_the_triton_step_in_backward_matches_the_step_after_it(tmp_path
     weights = dict(after.model.model.named_parameters())
     for name, p in inside.model.model.named_parameters():
         torch.testing.assert_close(p, weights[name], rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_stochastic_rounding_steps_in_the_backward(tmp_path, tiny_model_dir, chats):
+    """torchao compiles its step: on a GPU the backward runs on autograd's device thread, and the step with it."""
+    pytest.importorskip("torchao")
+    gpu = {"accelerator": "gpu", "devices": 1}
+    after, after_losses = fit(tmp_path, tiny_model_dir, chats, "bf16-true", "float32", "adamw_stochastic", STEPS,
+                              trainer=gpu)  # fmt: skip
+    inside, inside_losses = fit(tmp_path, tiny_model_dir, chats, "bf16-true", "float32", "adamw_stochastic", STEPS,
+                                model=IN_BACKWARD, trainer=gpu)  # fmt: skip
+    assert inside.model.optimizers().optimizer.steps_in_backward
+    assert len(inside_losses) == STEPS and max(abs(a - b) for a, b in zip(inside_losses, after_losses)) < 1e-2

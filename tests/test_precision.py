@@ -12,21 +12,6 @@ from lt_posttrain.model.precision import lost_update_warning, resolve_optimizer,
 STEPS, LEARNING_RATE = 50, 1e-5
 
 
-@pytest.fixture(scope="module")
-def bf16_exact_model(tmp_path_factory, tiny_model_dir):
-    """The tiny Llama with weights that bf16 holds exactly, so all three runs start from the same point."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = tmp_path_factory.mktemp("bf16-exact")
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.copy_(parameter.to(torch.bfloat16).float())
-    model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(folder)
-    return folder
-
-
 def fit(tmp_path, model_dir, chats, precision: str, dtype: str, optimizer: str, steps: int = STEPS, model=None,
         trainer=None):  # fmt: skip
     """``steps`` of a fit at the small learning rate; ``model`` and ``trainer`` add to those sections."""

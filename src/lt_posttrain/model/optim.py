@@ -9,7 +9,7 @@ import optimi
 import torch
 from torch import nn
 
-from lt_posttrain.model.optimizer_in_backward import AdamWInBackward
+from lt_posttrain.model.optimizer_in_backward import AdamWInBackward, stochastic_adamw_in_backward
 from lt_posttrain.model.sharding import full_shape
 
 Schedule = Literal["cosine", "linear", "constant"]
@@ -48,14 +48,16 @@ def build_optimizer(name: str, model: nn.Module, learning_rate: float, weight_de
     weights lose no update smaller than their rounding step (one more bf16 buffer a weight). ``adamw_stochastic``:
     torchao's AdamW rounding bf16 weights stochastically, unbiased on average at no extra memory. ``adamw_8bit`` /
     ``paged_adamw_8bit``: bitsandbytes' 8-bit states (paged: spills to the CPU under memory pressure). Else the import path of an optimizer class,
-    called as ``cls(param_groups, lr=learning_rate)``. ``in_backward`` (``adamw_kahan`` only): each weight steps in
-    the backward pass (``model/optimizer_in_backward.py``).
+    called as ``cls(param_groups, lr=learning_rate)``. ``in_backward`` (``adamw_kahan`` or ``adamw_stochastic``): each
+    weight steps in the backward pass (``model/optimizer_in_backward.py``).
     """
     groups = [group for group in decay_groups(model, weight_decay) if group["params"]]
     if name == "adamw":
         return build_adamw(model, learning_rate, weight_decay)
     if name == "adamw_kahan" and in_backward:
         return AdamWInBackward(groups, learning_rate)
+    if name == "adamw_stochastic" and in_backward:
+        return stochastic_adamw_in_backward(torchao_adamw(), groups, learning_rate)
     if name == "adamw_kahan":
         return optimi.AdamW(groups, lr=learning_rate, betas=(0.9, 0.999), eps=1e-8, kahan_sum=True)
     if name == "adamw_stochastic":
@@ -80,10 +82,14 @@ def require_torchao(what: str):
 
 
 def stochastic_rounding_adamw(groups: list[dict], learning_rate: float) -> torch.optim.Optimizer:
-    """torchao's AdamW with ``bf16_stochastic_round`` (public ``AdamW`` up to torchao 0.13, ``_AdamW`` after)."""
+    """torchao's AdamW with ``bf16_stochastic_round``."""
+    return torchao_adamw()(groups, lr=learning_rate, betas=(0.9, 0.999), eps=1e-8, bf16_stochastic_round=True)
+
+
+def torchao_adamw() -> type:
+    """torchao's AdamW class: public ``AdamW`` up to torchao 0.13, ``_AdamW`` after."""
     torchao_optim = require_torchao("model.optimizer adamw_stochastic")
-    adamw = getattr(torchao_optim, "_AdamW", None) or torchao_optim.AdamW
-    return adamw(groups, lr=learning_rate, betas=(0.9, 0.999), eps=1e-8, bf16_stochastic_round=True)
+    return getattr(torchao_optim, "_AdamW", None) or torchao_optim.AdamW
 
 
 def optimizer_class_of(path: str) -> type:

@@ -28,7 +28,7 @@ from lt_posttrain.model.optim import (
     require_torchao,
     warmup_steps_of,
 )
-from lt_posttrain.model.optimizer_in_backward import check_optimizer_in_backward
+from lt_posttrain.model.optimizer_in_backward import IN_BACKWARD, check_optimizer_in_backward
 from lt_posttrain.model.precision import (
     clip_under_bf16_autocast,
     keeps_master_weights,
@@ -85,8 +85,8 @@ class SFTModule(L.LightningModule):
             ``adamw_stochastic`` (torchao, bf16 stochastic rounding, no extra memory); ``adamw_8bit``
             or ``paged_adamw_8bit`` (bitsandbytes, CUDA); or the import path of an optimizer class.
         optimizer_in_backward: step each weight in the backward pass as soon as its gradient is complete, and free
-            the gradient (``adamw_kahan``, one device; no clipping, no accumulation): bf16 weights then train without
-            lost updates in the memory of plain bf16 AdamW (see ``model/optimizer_in_backward.py``).
+            the gradient (``adamw_kahan`` or ``adamw_stochastic``, one device; no clipping, no accumulation): the
+            gradients of the whole model are never held together (see ``model/optimizer_in_backward.py``).
     """
 
     def __init__(
@@ -123,8 +123,9 @@ class SFTModule(L.LightningModule):
             require_torchao("model.optimizer adamw_stochastic")
         elif optimizer not in get_args(BuiltInOptimizer):
             optimizer_class_of(optimizer)  # a wrong import path fails now
-        if optimizer_in_backward and optimizer not in ("auto", "adamw_kahan"):
-            raise UserError(f"model.optimizer_in_backward needs model.optimizer adamw_kahan (or auto), not {optimizer}")
+        if optimizer_in_backward and optimizer not in IN_BACKWARD:
+            raise UserError(f"model.optimizer_in_backward needs model.optimizer adamw_kahan (or auto) or "
+                            f"adamw_stochastic, not {optimizer}")  # fmt: skip
         self.tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
         import_model_code(name_or_path, trust_remote_code)  # outside ZeRO-3's zero.Init, which configure_model is in
         self.model = None
@@ -299,7 +300,9 @@ class SFTModule(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         strategy = self._trainer.strategy if self._trainer is not None else None
-        name = "adamw_kahan" if hp.optimizer_in_backward else resolve_optimizer(hp.optimizer, self.model, strategy)
+        name = resolve_optimizer(hp.optimizer, self.model, strategy)
+        if hp.optimizer_in_backward:
+            name = IN_BACKWARD[hp.optimizer]
         warning = lost_update_warning(name, self.model, hp.learning_rate, strategy)
         if warning:
             rank_zero_warn(warning)

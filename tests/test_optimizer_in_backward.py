@@ -16,7 +16,7 @@ from lt_posttrain.model.optim import torchao_adamw
 from lt_posttrain.model.optimizer_in_backward import AdamWInBackward, check_optimizer_in_backward
 from test_cli import assert_one_line_error
 from test_precision import STEPS as PRECISION_STEPS
-from test_precision import fit
+from test_precision import drift, fit
 
 STEPS = 8
 IN_BACKWARD = {"optimizer_in_backward": True}
@@ -104,11 +104,7 @@ def test_stochastic_rounding_in_backward_tracks_the_fp32_run_and_holds_no_gradie
     [capture] = [callback for callback in rounded.trainer.callbacks if isinstance(callback, GradCapture)]
     assert [len(grads) for grads in capture.grads] == [0] * PRECISION_STEPS
 
-    names = [name for name, value in rounded.model.model.named_parameters() if value.ndim >= 2]
-    weights = {"master": master.model.model.state_dict(), "rounded": rounded.model.model.state_dict()}
-    moved = sum(((weights["master"][n].float() - start[n]) ** 2).sum() for n in names).sqrt()
-    distance = float(sum(((weights["rounded"][n].float() - weights["master"][n].float()) ** 2).sum() for n in names).sqrt() / moved)
-    untouched = sum(int((weights["rounded"][n].float() == start[n]).sum()) for n in names) / sum(start[n].numel() for n in names)
+    distance, untouched = drift(start, master, rounded)
     print(f"stochastic rounding in the backward: distance to the fp32-master run {distance:.3f}, untouched {untouched:.2f}")
     assert untouched < 0.5 and distance < 0.7  # plain bf16 AdamW ends 0.93 away with most weights untouched
     assert max(abs(a - b) for a, b in zip(rounded_losses, master_losses)) < 1e-2

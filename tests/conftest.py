@@ -1,5 +1,5 @@
-"""Shared fixtures: the real SmolLM2 tokenizer and data from ../shared, a tiny Llama built from a config, and the
-real SmolLM2-135M-Instruct when its package is installed."""
+"""Shared fixtures: the real SmolLM2 tokenizer and data from ../shared, a tiny Llama built from a config (and a copy
+whose weights bf16 holds exactly), and the real SmolLM2-135M-Instruct when its package is installed."""
 
 import importlib.util
 import json

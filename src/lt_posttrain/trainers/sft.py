@@ -300,13 +300,12 @@ class SFTModule(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         strategy = self._trainer.strategy if self._trainer is not None else None
-        name = resolve_optimizer(hp.optimizer, self.model, strategy)
-        if hp.optimizer_in_backward:
-            name = IN_BACKWARD[hp.optimizer]
+        in_backward = hp.optimizer_in_backward
+        name = IN_BACKWARD[hp.optimizer] if in_backward else resolve_optimizer(hp.optimizer, self.model, strategy)
         warning = lost_update_warning(name, self.model, hp.learning_rate, strategy)
         if warning:
             rank_zero_warn(warning)
-        optimizer = build_optimizer(name, self.model, hp.learning_rate, hp.weight_decay, hp.optimizer_in_backward)
+        optimizer = build_optimizer(name, self.model, hp.learning_rate, hp.weight_decay, in_backward)
         total = self.total_optimizer_steps()
         scheduler = build_schedule(optimizer, hp.schedule, warmup_steps_of(total, hp.warmup), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

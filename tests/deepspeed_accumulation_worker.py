@@ -20,7 +20,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from lt_posttrain import InstructDataModule, SFTModule
 from lt_posttrain.model.sharding import gather_state_dict
-from lt_posttrain.strategies import prepare_strategy
+from lt_posttrain.strategies import leave_process_group, prepare_strategy
 
 
 class CPUDeepSpeedStrategy(DeepSpeedStrategy):
@@ -89,6 +89,7 @@ def main(model_dir: str, data: str, out_dir: str, steps: str, *stages: str) -> N
         if strategy.global_rank == 0:
             torch.save(weights, out / "weights.pt")
         strategy.barrier()
+    leave_process_group()
 
 
 if __name__ == "__main__":

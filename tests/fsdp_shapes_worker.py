@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 from lt_posttrain.callbacks.throughput import matmul_parameters
 from lt_posttrain.model.optim import decay_groups
 from lt_posttrain.model.sharding import WRAPPER_PREFIXES, fit_to_strategy
+from lt_posttrain.strategies import leave_process_group
 
 
 def decayed(model: torch.nn.Module) -> list[str]:
@@ -34,6 +35,7 @@ def main(model_dir: str, out: str) -> None:
     report = {"before": before, "after": decayed(model), "matmul_before": matmul_before,
               "matmul_after": matmul_parameters(model)}  # fmt: skip
     Path(out, f"rank{torch.distributed.get_rank()}.json").write_text(json.dumps(report))
+    leave_process_group()
 
 
 if __name__ == "__main__":

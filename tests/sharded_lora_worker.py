@@ -29,6 +29,7 @@ import torch  # noqa: E402
 
 from lt_posttrain import SFTModule  # noqa: E402
 from lt_posttrain.callbacks import hf_export  # noqa: E402
+from lt_posttrain.strategies import leave_process_group  # noqa: E402
 from lt_posttrain.trainers.losses import token_cross_entropy_sum  # noqa: E402
 
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
@@ -131,6 +132,7 @@ def main(strategy_name: str, model_dir: str, batches_file: str, out_dir: str) ->
     full = sum(p.numel() for p in initial.values())
     report = {"losses": losses, "wrote": writes, "held": held, "full": full}
     (out / f"rank-{rank}.json").write_text(json.dumps(report))
+    leave_process_group()
 
 
 if __name__ == "__main__":

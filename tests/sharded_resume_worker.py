@@ -27,7 +27,7 @@ from lt_posttrain import InstructDataModule, SFTModule
 from lt_posttrain.callbacks.random_state import RandomStateCheckpoint
 from lt_posttrain.callbacks.training_state import TrainingStateCheckpoint
 from lt_posttrain.model.sharding import gather_state_dict
-from lt_posttrain.strategies import prepare_strategy
+from lt_posttrain.strategies import leave_process_group, prepare_strategy
 
 
 class StopAfter(L.Callback):
@@ -74,6 +74,7 @@ def main(model_dir: str, data: str, out_dir: str, steps: str, finetune: str, *ru
     lora = {"r": 4, "alpha": 8, "dropout": 0.0} if finetune == "lora" else None
     for run in runs:
         fit(model_dir, data, Path(out_dir), int(steps), lora, run)
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ def test_fsdp_keeps_the_weight_decay_groups_and_the_flop_count(tiny_model_dir, t
                str(HERE / "fsdp_shapes_worker.py"), str(tiny_model_dir), str(tmp_path)]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=HERE, check=False)
     reports = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("rank*.json"))]
-    assert len(reports) == 2, done.stderr[-3000:]
+    assert done.returncode == 0 and len(reports) == 2, done.stderr[-3000:]
     for report in reports:
         assert report["before"] and any("mlp" in name for name in report["before"])
         assert report["after"] == report["before"]

@@ -14,7 +14,8 @@ from conftest import write_jsonl
 from lt_posttrain.cli import main
 from lt_posttrain.errors import UserError
 from lt_posttrain.model.sharding import fit_to_strategy
-from lt_posttrain.strategies import check_deepspeed_config, check_strategy, complete_deepspeed_config, prepare_strategy
+from lt_posttrain.strategies import (check_deepspeed_config, check_strategy, complete_deepspeed_config,
+                                     leave_process_group, prepare_strategy)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PRESETS = ["ddp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_2_offload", "deepspeed_stage_3",
@@ -249,3 +250,11 @@ def test_fused_loss_under_a_sharding_strategy_is_refused(tiny_model):
     with pytest.raises(UserError, match="fused_linear_cross_entropy"):
         fit_to_strategy(tiny_model, FSDPStrategy(), fused_loss=True)
     fit_to_strategy(tiny_model, None, fused_loss=True)  # one device: the head's weight is whole
+
+
+def test_a_finished_run_leaves_its_gloo_process_group(tmp_path):
+    """Lightning destroys only an NCCL group at exit; a gloo group left alive can abort the exiting process."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    leave_process_group()
+    assert not torch.distributed.is_initialized()
+    leave_process_group()  # none left: nothing to do

@@ -26,7 +26,7 @@ from lt_posttrain import SFTModule  # noqa: E402
 from lt_posttrain.model.export import export_hf  # noqa: E402
 from lt_posttrain.model.lora import is_peft_model  # noqa: E402
 from lt_posttrain.model.sharding import gather_state_dict  # noqa: E402
-from lt_posttrain.strategies import prepare_strategy  # noqa: E402
+from lt_posttrain.strategies import leave_process_group, prepare_strategy  # noqa: E402
 
 
 def sharded_module(model_dir: str, lora) -> tuple[SFTModule, DeepSpeedStrategy]:
@@ -71,6 +71,7 @@ def main(model_dir: str, out_dir: str) -> None:
         module, strategy = sharded_module(model_dir, lora)
         report[name] = export(module, strategy, out / name)
     (out / f"rank-{strategy.global_rank}.json").write_text(json.dumps(report))
+    leave_process_group()
 
 
 if __name__ == "__main__":

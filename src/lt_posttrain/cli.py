@@ -22,7 +22,7 @@ from lt_posttrain.data.datamodule import InstructDataModule
 from lt_posttrain.errors import UserError
 from lt_posttrain.folders import check_writable
 from lt_posttrain.plugins.short_names import expand_short_names
-from lt_posttrain.strategies import check_strategy, prepare_strategy
+from lt_posttrain.strategies import check_strategy, leave_process_group, prepare_strategy
 from lt_posttrain.trainers.sft import SFTModule
 
 TRAINER_DEFAULTS = {"max_epochs": 1}
@@ -167,6 +167,7 @@ def main(args: Optional[list] = None) -> None:
                       "modules, callbacks and data-source types (docs/plugins.md)")  # fmt: skip
         else:
             build_cli(args)
+            leave_process_group()
     except Exception as error:
         user_error = find_user_error(error)
         if user_error is None:

@@ -232,3 +232,13 @@ def prepare_strategy(strategy: Any, micro_batch_size: int) -> None:
         strategy.config = complete_deepspeed_config(strategy.config, micro_batch_size)
         if strategy.handles_gradient_accumulation:  # a class property: the object gets the class that changes it
             strategy.__class__ = _accumulating_in_lightning(type(strategy))
+
+
+def leave_process_group() -> None:
+    """Destroy the default process group once a run is over. Lightning does so itself only for NCCL; a gloo group
+    left alive can abort the process as the interpreter exits (its worker threads outlive Python), so a finished
+    multi-process run on CPU would exit with SIGABRT."""
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

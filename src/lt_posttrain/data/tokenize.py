@@ -82,11 +82,15 @@ def tokenize_rendered_batch(rendered: list[RenderedConversation], tokenizer, max
     """:func:`tokenize_rendered` of many conversations in one call of the tokenizer (its batch path is parallel)."""
     if not rendered:
         return []
-    encodings = tokenizer([part.text for part in rendered], add_special_tokens=False, return_offsets_mapping=True)
-    return [
-        _labelled(ids, offsets, part.spans, max_length)
-        for part, ids, offsets in zip(rendered, encodings["input_ids"], encodings["offset_mapping"])
-    ]
+    texts = [part.text for part in rendered]
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # a fast tokenizer's own: no per-token Python objects
+    if backend is not None:
+        encodings = backend.encode_batch(texts, add_special_tokens=False)
+        pairs = [(encoding.ids, encoding.offsets) for encoding in encodings]
+    else:
+        encodings = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        pairs = zip(encodings["input_ids"], encodings["offset_mapping"])
+    return [_labelled(ids, offsets, part.spans, max_length) for part, (ids, offsets) in zip(rendered, pairs)]
 
 
 def _labelled(input_ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]], max_length: int):

@@ -25,6 +25,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
+from lt_posttrain.strategies import leave_process_group  # noqa: E402
 from lt_posttrain_dpo import DPOModule  # noqa: E402
 
 
@@ -149,6 +150,7 @@ def main(strategy_name: str, model_dir: str, batches_file: str, learning_rate: s
         "saved_count": len(holds["saved"]),
     }
     (Path(out_dir) / f"rank-{rank}.json").write_text(json.dumps(report))
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -60,51 +60,66 @@ def zero3(model_dir: str) -> tuple[SFTModule, object, Callable, Callable, Callab
     return module, module.trainer, engine, step, gather
 
 
-def fsdp(model_dir: str) -> tuple[SFTModule, object, Callable, Callable, Callable]:
-    """The module under FSDP, as :func:`zero3` returns it."""
+def fsdp_wrapped(module: SFTModule, precision: str = "32-true", max_steps: int = -1) -> tuple[object, torch.nn.Module]:
+    """``module`` configured, converted and wrapped as Lightning's ``FSDPStrategy.setup`` does under ``precision``
+    (a CPU rank of an initialised process group): ``(trainer, wrapped)``, the trainer a stand-in that holds the
+    strategy."""
     from lightning.fabric.plugins.environments import TorchElasticEnvironment
     from lightning.pytorch.plugins.precision import FSDPPrecision
     from lightning.pytorch.strategies import FSDPStrategy
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    from lt_posttrain.model.optim import build_optimizer
-
-    torch.distributed.init_process_group("gloo")
-    world_size = int(os.environ["WORLD_SIZE"])
-    environment, precision = TorchElasticEnvironment(), FSDPPrecision("32-true")
-    strategy = FSDPStrategy(parallel_devices=[torch.device("cpu")] * world_size, cluster_environment=environment,
-                            precision_plugin=precision)  # fmt: skip
+    world_size, plugin = int(os.environ["WORLD_SIZE"]), FSDPPrecision(precision)
+    strategy = FSDPStrategy(parallel_devices=[torch.device("cpu")] * world_size,
+                            cluster_environment=TorchElasticEnvironment(), precision_plugin=plugin)  # fmt: skip
     strategy.set_world_ranks()
-    module = SFTModule(model_dir, learning_rate=LEARNING_RATE, lora=LORA)
-    module._trainer = trainer = SimpleNamespace(strategy=strategy, is_global_zero=strategy.is_global_zero)
+    module._trainer = trainer = SimpleNamespace(strategy=strategy, is_global_zero=strategy.is_global_zero,
+                                                max_steps=max_steps)  # fmt: skip
     with strategy.model_sharded_context():
         module.configure_model()
+    plugin.convert_module(module)
     strategy.model = wrapped = FullyShardedDataParallel(
         module, cpu_offload=strategy.cpu_offload, mixed_precision=strategy.mixed_precision_config,
         sharding_strategy=strategy.sharding_strategy, device_id=strategy.root_device, **strategy.kwargs,
     )  # fmt: skip
-    optimizer = build_optimizer("adamw", module.model, LEARNING_RATE, 0.0)  # as configure_optimizers
+    return trainer, wrapped
+
+
+def fsdp_gathered(module: SFTModule, wrapped: torch.nn.Module) -> dict:
+    """Every weight of ``module``'s model, whole, on every rank."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    with FullyShardedDataParallel.summon_full_params(wrapped, writeback=False):
+        named = module.model.named_parameters()
+        return {name.replace("_fsdp_wrapped_module.", ""): p.detach().clone() for name, p in named}
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer) -> Callable:
+    """``step(loss)``: backpropagate ``loss``, step ``optimizer`` and zero the gradients."""
 
     def step(loss: torch.Tensor) -> None:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
 
-    def gather() -> dict:
-        with FullyShardedDataParallel.summon_full_params(wrapped, writeback=False):
-            named = module.model.named_parameters()
-            return {name.replace("_fsdp_wrapped_module.", ""): p.detach().clone() for name, p in named}
-
-    return module, trainer, wrapped, step, gather
+    return step
 
 
-def main(strategy_name: str, model_dir: str, batches_file: str, out_dir: str) -> None:
+def fsdp(model_dir: str) -> tuple[SFTModule, object, Callable, Callable, Callable]:
+    """The module under FSDP, as :func:`zero3` returns it."""
+    from lt_posttrain.model.optim import build_optimizer
+
+    torch.distributed.init_process_group("gloo")
+    module = SFTModule(model_dir, learning_rate=LEARNING_RATE, lora=LORA)
+    trainer, wrapped = fsdp_wrapped(module)
+    optimizer = build_optimizer("adamw", module.model, LEARNING_RATE, 0.0)  # as configure_optimizers
+    return module, trainer, wrapped, optimizer_step(optimizer), lambda: fsdp_gathered(module, wrapped)
+
+
+def sharded_steps(forward: Callable, step: Callable, batches: list[dict]) -> list[float]:
+    """This rank's micro-batches (step ``s`` takes ``s * world_size + rank``), one optimizer step each; the step
+    losses, means over every rank's loss tokens."""
     world_size, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
-    out, batches = Path(out_dir), torch.load(batches_file)
-    L.seed_everything(0)  # FSDP: every rank draws LoRA's A as the one-process run does
-    module, trainer, forward, step, gather = {"deepspeed": zero3, "fsdp": fsdp}[strategy_name](model_dir)
-    held = sum(p.numel() for p in module.model.parameters())
-    initial = gather()
     losses = []
     for index in range(rank, len(batches), world_size):
         batch = batches[index]
@@ -115,6 +130,28 @@ def main(strategy_name: str, model_dir: str, batches_file: str, out_dir: str) ->
         total = share.detach().clone()
         torch.distributed.all_reduce(total)
         losses.append(total.item())
+    return losses
+
+
+def one_process_steps(module: SFTModule, optimizer: torch.optim.Optimizer, batches: list[dict], ranks: int) -> list:
+    """The steps of :func:`sharded_steps` in one process, each over the micro-batches of every rank: the losses."""
+    losses = []
+    for first in range(0, len(batches), ranks):
+        group = batches[first : first + ranks]
+        count = sum(batch["loss_count"] for batch in group)
+        loss = sum(token_cross_entropy_sum(module(batch), batch["targets"]) for batch in group) / count
+        optimizer_step(optimizer)(loss)
+        losses.append(loss.item())
+    return losses
+
+
+def main(strategy_name: str, model_dir: str, batches_file: str, out_dir: str) -> None:
+    rank, out, batches = int(os.environ["RANK"]), Path(out_dir), torch.load(batches_file)
+    L.seed_everything(0)  # FSDP: every rank draws LoRA's A as the one-process run does
+    module, trainer, forward, step, gather = {"deepspeed": zero3, "fsdp": fsdp}[strategy_name](model_dir)
+    held = sum(p.numel() for p in module.model.parameters())
+    initial = gather()
+    losses = sharded_steps(forward, step, batches)
     trained = gather()
     if rank == 0:
         torch.save(initial, out / "initial.pt")

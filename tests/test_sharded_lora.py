@@ -21,8 +21,7 @@ from lt_posttrain.errors import UserError
 from lt_posttrain.model.lora import LoraOptions, apply_lora
 from lt_posttrain.model.optim import build_optimizer
 from lt_posttrain.model.sharding import fit_to_strategy
-from lt_posttrain.trainers.losses import token_cross_entropy_sum
-from sharded_lora_worker import LEARNING_RATE, LORA
+from sharded_lora_worker import LEARNING_RATE, LORA, one_process_steps
 
 TESTS = Path(__file__).parent
 STEPS, RANKS = 3, 2
@@ -53,15 +52,7 @@ def unsharded_run(model_dir, micro_batches: list[dict], initial: dict) -> tuple[
     drawn = {name: p.detach().clone() for name, p in module.model.named_parameters() if p.requires_grad}
     module.model.load_state_dict({name: initial[name] for name in drawn}, strict=False)
     optimizer = build_optimizer("adamw", module.model, LEARNING_RATE, 0.0)
-    losses = []
-    for step in range(STEPS):
-        batches = micro_batches[step * RANKS : (step + 1) * RANKS]
-        count = sum(batch["loss_count"] for batch in batches)
-        loss = sum(token_cross_entropy_sum(module(batch), batch["targets"]) for batch in batches) / count
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = one_process_steps(module, optimizer, micro_batches, RANKS)
     return module.model, losses, drawn
 
 

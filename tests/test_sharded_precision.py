@@ -15,7 +15,7 @@ import torch
 from conftest import gsm8k_chats, write_jsonl
 from lt_posttrain import InstructDataModule, SFTModule
 from lt_posttrain.model.optim import build_optimizer
-from lt_posttrain.trainers.losses import token_cross_entropy_sum
+from sharded_lora_worker import one_process_steps
 
 TESTS = Path(__file__).parent
 STEPS, RANKS, LEARNING_RATE = 30, 2, 1e-5
@@ -39,14 +39,7 @@ def one_process_run(model_dir, micro_batches: list[dict], optimizer_name: str) -
     module = SFTModule(str(model_dir), learning_rate=LEARNING_RATE, schedule="constant")
     module.configure_model()
     module.to(torch.bfloat16)
-    optimizer = build_optimizer(optimizer_name, module.model, LEARNING_RATE, 0.0)
-    for step in range(STEPS):
-        batches = micro_batches[step * RANKS : (step + 1) * RANKS]
-        count = sum(batch["loss_count"] for batch in batches)
-        loss = sum(token_cross_entropy_sum(module(batch).float(), batch["targets"]) for batch in batches) / count
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    one_process_steps(module, build_optimizer(optimizer_name, module.model, LEARNING_RATE, 0.0), micro_batches, RANKS)
     return {name: p.detach().clone() for name, p in module.model.named_parameters()}
 
 

@@ -19,8 +19,8 @@ import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from lt_posttrain import InstructDataModule, SFTModule
-from lt_posttrain.model.sharding import gather_state_dict
-from lt_posttrain.strategies import leave_process_group, prepare_strategy
+from lt_posttrain.training.sharding import gather_state_dict
+from lt_posttrain.training.strategy import leave_process_group, prepare_strategy
 
 
 class CPUDeepSpeedStrategy(DeepSpeedStrategy):

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from lt_posttrain import SFTModule
-from lt_posttrain.strategies import leave_process_group
+from lt_posttrain.training.strategy import leave_process_group
 from sharded_lora_worker import fsdp_gathered, fsdp_wrapped, optimizer_step, sharded_steps
 
 

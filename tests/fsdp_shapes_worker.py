@@ -14,9 +14,9 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 from transformers import AutoModelForCausalLM
 
 from lt_posttrain.callbacks.throughput import matmul_parameters
-from lt_posttrain.model.optim import decay_groups
-from lt_posttrain.model.sharding import WRAPPER_PREFIXES, fit_to_strategy
-from lt_posttrain.strategies import leave_process_group
+from lt_posttrain.training.optimizer import decay_groups
+from lt_posttrain.training.sharding import WRAPPER_PREFIXES, fit_to_strategy
+from lt_posttrain.training.strategy import leave_process_group
 
 
 def decayed(model: torch.nn.Module) -> list[str]:

@@ -29,8 +29,8 @@ import torch  # noqa: E402
 
 from lt_posttrain import SFTModule  # noqa: E402
 from lt_posttrain.callbacks import hf_export  # noqa: E402
-from lt_posttrain.strategies import leave_process_group  # noqa: E402
-from lt_posttrain.trainers.losses import token_cross_entropy_sum  # noqa: E402
+from lt_posttrain.training.losses import token_cross_entropy_sum  # noqa: E402
+from lt_posttrain.training.strategy import leave_process_group  # noqa: E402
 
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
 LEARNING_RATE = 1e-3  # that of zero3_worker.sharded_module
@@ -107,7 +107,7 @@ def optimizer_step(optimizer: torch.optim.Optimizer) -> Callable:
 
 def fsdp(model_dir: str) -> tuple[SFTModule, object, Callable, Callable, Callable]:
     """The module under FSDP, as :func:`zero3` returns it."""
-    from lt_posttrain.model.optim import build_optimizer
+    from lt_posttrain.training.optimizer import build_optimizer
 
     torch.distributed.init_process_group("gloo")
     module = SFTModule(model_dir, learning_rate=LEARNING_RATE, lora=LORA)

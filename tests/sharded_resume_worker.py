@@ -26,8 +26,8 @@ from deepspeed_accumulation_worker import CPUDeepSpeedStrategy, StepRecorder
 from lt_posttrain import InstructDataModule, SFTModule
 from lt_posttrain.callbacks.random_state import RandomStateCheckpoint
 from lt_posttrain.callbacks.training_state import TrainingStateCheckpoint
-from lt_posttrain.model.sharding import gather_state_dict
-from lt_posttrain.strategies import leave_process_group, prepare_strategy
+from lt_posttrain.training.sharding import gather_state_dict
+from lt_posttrain.training.strategy import leave_process_group, prepare_strategy
 
 
 class StopAfter(L.Callback):

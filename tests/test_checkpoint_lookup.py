@@ -13,7 +13,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 from conftest import gsm8k_chats, write_jsonl
 from lt_posttrain.callbacks.training_state import TrainingStateCheckpoint, checkpoint_states_file
-from lt_posttrain.cli import PostTrainCLI, build_cli
+from lt_posttrain.cli.lightning import PostTrainCLI, build_cli
 
 KINDS = ["file", "deepspeed", "deepspeed_zero3", "fsdp_sharded"]
 

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from lt_posttrain.batch import IGNORE_INDEX
 from lt_posttrain.data.collate import collate_packed, collate_padded
-from lt_posttrain.data.tokenize import IGNORE_INDEX, tokenize_conversation
+from lt_posttrain.data.tokenize import tokenize_conversation
 
 PAD = 2
 

@@ -197,7 +197,7 @@ def test_preview_text_shows_the_conversation(tiny_model_dir, chats_file, rows, t
 
 
 def test_token_pieces_add_up_to_the_text(tokenizer):
-    from lt_posttrain.commands.data import token_pieces
+    from lt_posttrain.cli.data import token_pieces
 
     text = "Héllo 世界 🎉🎉 naïve — ok<|im_end|>\n  x"
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -235,7 +235,7 @@ def test_data_commands_accept_every_section_of_a_fit_recipe(tiny_model_dir, chat
     """A recipe that ``fit`` accepts is a recipe ``data prepare`` and ``data preview`` accept."""
     import inspect
 
-    from lt_posttrain.commands.data import prepare, preview
+    from lt_posttrain.cli.data import prepare, preview
 
     result = lt_posttrain("fit", "--model.name_or_path", tiny_model_dir, "--data.sources", f"[{chats_file}]", "--print_config")
     assert result.returncode == 0, result.stderr[-2000:]

@@ -111,7 +111,7 @@ def test_qlora_4bit_trains_with_paged_adamw_and_exports_the_adapter(tiny_model_d
     from transformers import AutoModelForCausalLM
 
     from lt_posttrain.model.export import export_hf
-    from lt_posttrain.model.optim import build_optimizer
+    from lt_posttrain.training.optimizer import build_optimizer
 
     module = SFTModule(str(tiny_model_dir), lora={"r": 4}, load_in_4bit=True, gradient_checkpointing=True,
                        optimizer="paged_adamw_8bit")  # fmt: skip

@@ -12,8 +12,8 @@ from conftest import gsm8k_chats, write_jsonl
 from grad_capture import GradCapture
 from lt_posttrain.cli import main
 from lt_posttrain.errors import UserError
-from lt_posttrain.model.optim import torchao_adamw
-from lt_posttrain.model.optimizer_in_backward import AdamWInBackward, check_optimizer_in_backward
+from lt_posttrain.training.optimizer import torchao_adamw
+from lt_posttrain.training.optimizer_in_backward import AdamWInBackward, check_optimizer_in_backward
 from test_cli import assert_one_line_error
 from test_precision import STEPS as PRECISION_STEPS
 from test_precision import drift, fit
@@ -53,7 +53,7 @@ def test_its_state_holds_only_each_weights_own_buffers(tiny_model_dir):
     from lightning.fabric.utilities.optimizer import _optimizer_to_device
     from transformers import AutoModelForCausalLM
 
-    from lt_posttrain.model.optim import decay_groups
+    from lt_posttrain.training.optimizer import decay_groups
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     optimizer = AdamWInBackward([g for g in decay_groups(model, 0.1) if g["params"]], 1e-3)

@@ -43,8 +43,8 @@ PROBE_PACKAGE = {
         [project.entry-points."lt_posttrain.callbacks"]
         probe_callback = "lt_posttrain_probe:ProbeCallback"
 
-        [project.entry-points."lt_posttrain.data_sources"]
-        probe_rows = "lt_posttrain_probe:ProbeFormat"
+        [project.entry-points."lt_posttrain.source_types"]
+        probe_rows = "lt_posttrain_probe:ProbeSourceType"
         """,
     "lt_posttrain_probe/__init__.py": '''
         """A throwaway plugin: each part leaves a trace in a file, so a test can see that it ran."""
@@ -53,7 +53,7 @@ PROBE_PACKAGE = {
 
         import lightning as L
         from lt_posttrain import InstructDataModule, SFTModule
-        from lt_posttrain.data.formats.base import Format
+        from lt_posttrain.data.source_types.base import SourceType
 
         if os.environ.get("PROBE_IMPORT_LOG"):
             with open(os.environ["PROBE_IMPORT_LOG"], "a") as log:
@@ -84,7 +84,7 @@ PROBE_PACKAGE = {
                 Path(self.path).write_text(f"{type(module).__name__} {type(trainer.datamodule).__name__}")
 
 
-        class ProbeFormat(Format):
+        class ProbeSourceType(SourceType):
             def messages(self, row, index):
                 return [{"role": "user", "content": row["q"]}, {"role": "assistant", "content": row["a"]}]
         ''',
@@ -161,12 +161,12 @@ def test_plugins_lists_every_plugin_with_its_status(installed):
     assert all(set(plugin) == {"group", "name", "value", "dist", "version", "status", "error"} for plugin in plugins)
     by_name = {(plugin["group"].rsplit(".", 1)[1], plugin["name"], plugin["dist"]): plugin for plugin in plugins}
     for group, name in [("trainers", "probe_trainer"), ("data_modules", "probe_data"), ("callbacks", "probe_callback"),
-                        ("data_sources", "probe_rows")]:  # fmt: skip
+                        ("source_types", "probe_rows")]:  # fmt: skip
         plugin = by_name[(group, name, "lt-posttrain-probe")]
         assert (plugin["status"], plugin["error"], plugin["version"]) == ("ok", None, "0.1.0")
     assert by_name[("trainers", "sft", "lt-posttrain")]["status"] == "ok"
-    messages = by_name[("data_sources", "messages", "lt-posttrain")]
-    assert messages["value"] == "lt_posttrain.data.formats.messages:MessagesFormat"
+    messages = by_name[("source_types", "messages", "lt-posttrain")]
+    assert messages["value"] == "lt_posttrain.data.source_types.messages:MessagesSourceType"
     broken = {name: by_name[("trainers", name, "lt-posttrain-probe")] for name in ("broken_import", "not_a_trainer")}
     broken["clash"] = by_name[("trainers", "clash", "lt-posttrain-probe")]
     assert all(plugin["status"] == "error" for plugin in broken.values())

@@ -9,7 +9,7 @@ from lt_posttrain import SFTModule
 from lt_posttrain.data.collate import collate_padded
 from lt_posttrain.data.tokenize import count_loss_tokens, tokenize_conversation
 from lt_posttrain.model.loading import gguf_as_hf_folder, resolve_model_path
-from lt_posttrain.model.optim import decay_groups
+from lt_posttrain.training.optimizer import decay_groups
 
 
 def step0_losses(name_or_path, hf_folder, tokenizer):

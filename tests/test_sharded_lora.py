@@ -19,8 +19,8 @@ from conftest import gsm8k_chats, write_jsonl
 from lt_posttrain import InstructDataModule, SFTModule
 from lt_posttrain.errors import UserError
 from lt_posttrain.model.lora import LoraOptions, apply_lora
-from lt_posttrain.model.optim import build_optimizer
-from lt_posttrain.model.sharding import fit_to_strategy
+from lt_posttrain.training.optimizer import build_optimizer
+from lt_posttrain.training.sharding import fit_to_strategy
 from sharded_lora_worker import LEARNING_RATE, LORA, one_process_steps
 
 TESTS = Path(__file__).parent

@@ -14,7 +14,7 @@ import torch
 
 from conftest import gsm8k_chats, write_jsonl
 from lt_posttrain import InstructDataModule, SFTModule
-from lt_posttrain.model.optim import build_optimizer
+from lt_posttrain.training.optimizer import build_optimizer
 from sharded_lora_worker import one_process_steps
 
 TESTS = Path(__file__).parent

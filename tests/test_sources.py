@@ -10,17 +10,17 @@ import pytest
 
 from conftest import SHAREGPT, write_jsonl
 from lt_posttrain import InstructDataModule, Source
-from lt_posttrain.data.formats import known_types, load_format, registry
+from lt_posttrain.data.source_types import known_types, load_source_type, registry
 from lt_posttrain.data.sources import as_source, load_rows
 from lt_posttrain.errors import UserError
 
 BUILT_IN = ["huggingface_instruct", "messages", "prompt_generation", "ragfit"]
 
 PLUGIN = '''
-from lt_posttrain.data.formats.base import Format
+from lt_posttrain.data.source_types.base import SourceType
 
 
-class ShoutFormat(Format):
+class ShoutSourceType(SourceType):
     """Test plugin: the ``text`` column as a question, shouted back as the answer (``options.suffix`` appended)."""
 
     def messages(self, row, index):
@@ -29,7 +29,7 @@ class ShoutFormat(Format):
         return [{"role": "user", "content": row["text"]}, {"role": "assistant", "content": answer}]
 
 
-class NotAFormat:
+class NotASourceType:
     pass
 '''
 
@@ -40,11 +40,11 @@ def plugin_module(tmp_path, monkeypatch):
     (tmp_path / "my_formats.py").write_text(PLUGIN)
     monkeypatch.syspath_prepend(str(tmp_path))
     registry._registered.cache_clear()
-    registry._format_class.cache_clear()
+    registry._source_type_class.cache_clear()
     yield tmp_path
     sys.modules.pop("my_formats", None)
     registry._registered.cache_clear()
-    registry._format_class.cache_clear()
+    registry._source_type_class.cache_clear()
 
 
 def test_every_field_is_documented():
@@ -84,7 +84,7 @@ def test_built_in_types_are_entry_points():
     assert set(BUILT_IN) <= set(known_types())
     for name in BUILT_IN:
         source = Source(name_or_path="x.jsonl", type=name, output_key="answer" if name == "ragfit" else None)
-        assert type(load_format(source)).__module__ == f"lt_posttrain.data.formats.{name}"
+        assert type(load_source_type(source)).__module__ == f"lt_posttrain.data.source_types.{name}"
 
 
 def test_only_the_chosen_type_is_imported():
@@ -92,9 +92,9 @@ def test_only_the_chosen_type_is_imported():
         """
         import sys
         from lt_posttrain import Source
-        from lt_posttrain.data.formats import load_format
-        load_format(Source(name_or_path="x.jsonl", type="prompt_generation"))
-        print(sorted(name.rsplit(".", 1)[1] for name in sys.modules if name.startswith("lt_posttrain.data.formats.")))
+        from lt_posttrain.data.source_types import load_source_type
+        load_source_type(Source(name_or_path="x.jsonl", type="prompt_generation"))
+        print(sorted(name.rsplit(".", 1)[1] for name in sys.modules if name.startswith("lt_posttrain.data.source_types.")))
         """
     )
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -103,17 +103,17 @@ def test_only_the_chosen_type_is_imported():
 
 def test_unknown_type_lists_the_known_ones():
     with pytest.raises(UserError) as error:
-        load_format(Source(name_or_path="data.jsonl", type="ragfti"))
+        load_source_type(Source(name_or_path="data.jsonl", type="ragfti"))
     message = str(error.value)
     assert message.startswith("data source 'data.jsonl': unknown type 'ragfti' (did you mean 'ragfit'? known types: ")
     assert all(name in message for name in BUILT_IN) and "dotted import path" in message
 
 
-@pytest.mark.parametrize("type_name", ["my_formats.ShoutFormat", "my_formats:ShoutFormat"])
+@pytest.mark.parametrize("type_name", ["my_formats.ShoutSourceType", "my_formats:ShoutSourceType"])
 def test_dotted_path_type_with_options(plugin_module, tokenizer, type_name):
     path = write_jsonl(plugin_module / "words.jsonl", [{"text": "hello"}])
     source = {"name_or_path": str(path), "type": type_name, "options": {"suffix": "!"}}
-    source_format = load_format(as_source(source))
+    source_format = load_source_type(as_source(source))
     assert source_format.messages({"text": "hello"}, 0)[1] == {"role": "assistant", "content": "HELLO!"}
     datamodule = InstructDataModule(sources=[source], batch_size=1)
     datamodule.connect(tokenizer)
@@ -127,10 +127,10 @@ def test_plugin_registered_by_entry_point(plugin_module):
     dist = plugin_module / "my_formats-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-formats\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[lt_posttrain.data_sources]\nshout = my_formats:ShoutFormat\n")
+    (dist / "entry_points.txt").write_text("[lt_posttrain.source_types]\nshout = my_formats:ShoutSourceType\n")
     assert "shout" in known_types()
-    source_format = load_format(Source(name_or_path="words.jsonl", type="shout"))
-    assert type(source_format).__name__ == "ShoutFormat"
+    source_format = load_source_type(Source(name_or_path="words.jsonl", type="shout"))
+    assert type(source_format).__name__ == "ShoutSourceType"
 
 
 @pytest.mark.parametrize(
@@ -141,12 +141,12 @@ def test_plugin_registered_by_entry_point(plugin_module):
             r"type 'no_such_package.formats.Format': cannot import 'no_such_package.formats'",
         ),
         ("my_formats.Missing", r"type 'my_formats.Missing': module 'my_formats' has no 'Missing'"),
-        ("my_formats.NotAFormat", r"type 'my_formats.NotAFormat' is not a data-source format"),
+        ("my_formats.NotASourceType", r"type 'my_formats.NotASourceType' is not a source type"),
     ],
 )
 def test_dotted_path_errors(plugin_module, type_name, message):
     with pytest.raises(UserError, match=rf"^data source 'x.jsonl': {message}"):
-        load_format(Source(name_or_path="x.jsonl", type=type_name))
+        load_source_type(Source(name_or_path="x.jsonl", type=type_name))
 
 
 def test_recipe_keys_parse_into_a_source():

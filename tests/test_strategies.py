@@ -13,8 +13,8 @@ from lightning.pytorch.strategies import StrategyRegistry
 from conftest import write_jsonl
 from lt_posttrain.cli import main
 from lt_posttrain.errors import UserError
-from lt_posttrain.model.sharding import fit_to_strategy
-from lt_posttrain.strategies import (check_deepspeed_config, check_strategy, complete_deepspeed_config,
+from lt_posttrain.training.sharding import fit_to_strategy
+from lt_posttrain.training.strategy import (check_deepspeed_config, check_strategy, complete_deepspeed_config,
                                      leave_process_group, prepare_strategy)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

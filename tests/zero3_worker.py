@@ -25,8 +25,8 @@ from lightning.pytorch.strategies import DeepSpeedStrategy  # noqa: E402
 from lt_posttrain import SFTModule  # noqa: E402
 from lt_posttrain.model.export import export_hf  # noqa: E402
 from lt_posttrain.model.lora import is_peft_model  # noqa: E402
-from lt_posttrain.model.sharding import gather_state_dict  # noqa: E402
-from lt_posttrain.strategies import leave_process_group, prepare_strategy  # noqa: E402
+from lt_posttrain.training.sharding import gather_state_dict  # noqa: E402
+from lt_posttrain.training.strategy import leave_process_group, prepare_strategy  # noqa: E402
 
 
 def sharded_module(model_dir: str, lora) -> tuple[SFTModule, DeepSpeedStrategy]:

@@ -1,10 +1,10 @@
 """Direct Preference Optimization for lt-posttrain: ``DPOModule`` (``model: dpo``), ``PreferenceDataModule``
-(``data: {class_path: preference}``) and ``PreferencePairsFormat`` (``type: preference_pairs``)."""
+(``data: {class_path: preference}``) and ``PreferencePairsSourceType`` (``type: preference_pairs``)."""
 
 from lt_posttrain_dpo.datamodule import PreferenceDataModule
 from lt_posttrain_dpo.loss import dpo_loss, pair_logps, sequence_logps
-from lt_posttrain_dpo.pairs import Pair, PreferencePairsFormat
+from lt_posttrain_dpo.pairs import Pair, PreferencePairsSourceType
 from lt_posttrain_dpo.trainer import DPOModule
 
-__all__ = ["DPOModule", "Pair", "PreferenceDataModule", "PreferencePairsFormat", "dpo_loss", "pair_logps",
+__all__ = ["DPOModule", "Pair", "PreferenceDataModule", "PreferencePairsSourceType", "dpo_loss", "pair_logps",
            "sequence_logps"]  # fmt: skip

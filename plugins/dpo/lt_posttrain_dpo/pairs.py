@@ -4,7 +4,7 @@
 import math
 from dataclasses import dataclass
 
-from lt_posttrain.data.formats.messages import MessagesFormat
+from lt_posttrain.data.source_types.messages import MessagesSourceType
 
 REFERENCE_COLUMNS = ("reference_chosen_logp", "reference_rejected_logp")
 
@@ -20,7 +20,7 @@ class Pair:
     reference: tuple[float, float] = (math.nan, math.nan)
 
 
-class PreferencePairsFormat(MessagesFormat):
+class PreferencePairsSourceType(MessagesSourceType):
     """Rows ``{prompt or messages, chosen, rejected}``.
 
     - ``chosen``, ``rejected``: each answer, as text (one assistant turn) or a list of ``{role, content}`` turns
@@ -37,7 +37,7 @@ class PreferencePairsFormat(MessagesFormat):
     ``predict`` read the same rows.
     """
 
-    reads = MessagesFormat.reads | {"input_key"}
+    reads = MessagesSourceType.reads | {"input_key"}
 
     def pair(self, row: dict, index: int) -> Pair:
         """The prompt and both answers of ``row`` (``index`` is its position, for error messages)."""

@@ -5,7 +5,7 @@ import os
 from typing import Optional
 
 from lt_posttrain.data.dataset import FORMAT_VERSION, LONGER_THAN_MAX, NO_LOSS_TOKEN, map_and_drop, rendered_parts
-from lt_posttrain.data.formats import load_format
+from lt_posttrain.data.source_types import load_source_type
 from lt_posttrain.data.tokenize import RenderedConversation, count_loss_tokens, tokenize_rendered
 from lt_posttrain.errors import UserError
 from lt_posttrain_dpo.pairs import REFERENCE_COLUMNS
@@ -42,7 +42,7 @@ def tokenize_pairs(rows, source, tokenizer, max_length: int, chat_template: Opti
     """
     import datasets
 
-    pairs_format = load_format(source)
+    pairs_format = load_source_type(source)
     if not callable(getattr(pairs_format, "pair", None)):
         raise UserError(
             f"data source {source.name_or_path!r}: type {source.type!r} reads one conversation per row; preference "

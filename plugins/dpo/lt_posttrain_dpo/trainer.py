@@ -11,7 +11,7 @@ from lt_posttrain import SFTModule
 from lt_posttrain.errors import UserError
 from lt_posttrain.model.kernels import apply_liger_kernels
 from lt_posttrain.model.loading import import_model_code, load_causal_lm, resolve_model_path
-from lt_posttrain.model.sharding import is_fsdp, sharded_creation, wrap_decoder_layers, zero3_config
+from lt_posttrain.training.sharding import is_fsdp, sharded_creation, wrap_decoder_layers, zero3_config
 from lt_posttrain_dpo.datamodule import PreferenceDataModule
 from lt_posttrain_dpo.loss import dpo_loss, pair_logps
 

@@ -8,7 +8,7 @@ from dpo_rows import gsm8k_pairs, write_jsonl
 from lt_posttrain_dpo import Pair, PreferenceDataModule
 
 from lt_posttrain import Source
-from lt_posttrain.data.formats import load_format
+from lt_posttrain.data.source_types import load_source_type
 from lt_posttrain.errors import UserError
 
 USER, ASSISTANT = "user", "assistant"
@@ -19,7 +19,7 @@ def turn(role, content):
 
 
 def pair_of(row: dict, **source) -> Pair:
-    return load_format(Source(name_or_path="pairs.jsonl", type="preference_pairs", **source)).pair(row, 0)
+    return load_source_type(Source(name_or_path="pairs.jsonl", type="preference_pairs", **source)).pair(row, 0)
 
 
 def test_rows_in_each_shape_become_pairs():

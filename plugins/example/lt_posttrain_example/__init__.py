@@ -1,7 +1,7 @@
-"""An lt-posttrain plugin: ``LabelSmoothingSFT`` (``--model label_smoothing``) and ``AlpacaFormat`` (``type:
+"""An lt-posttrain plugin: ``LabelSmoothingSFT`` (``--model label_smoothing``) and ``AlpacaSourceType`` (``type:
 alpaca``)."""
 
-from lt_posttrain_example.alpaca import AlpacaFormat
+from lt_posttrain_example.alpaca import AlpacaSourceType
 from lt_posttrain_example.trainer import LabelSmoothingSFT
 
-__all__ = ["AlpacaFormat", "LabelSmoothingSFT"]
+__all__ = ["AlpacaSourceType", "LabelSmoothingSFT"]

@@ -1,9 +1,9 @@
 """``type: alpaca``: Stanford Alpaca's rows, ``{"instruction", "input", "output"}``, as conversations."""
 
-from lt_posttrain.data.formats.base import Format
+from lt_posttrain.data.source_types.base import SourceType
 
 
-class AlpacaFormat(Format):
+class AlpacaSourceType(SourceType):
     """The instruction (followed by the ``input``, when there is one, after a blank line) is the user turn and the
     ``output`` the assistant turn. A row whose output is null is dropped (and counted).
 

@@ -7,10 +7,10 @@ import sys
 
 import pytest
 import torch
-from lt_posttrain_example import AlpacaFormat, LabelSmoothingSFT
+from lt_posttrain_example import AlpacaSourceType, LabelSmoothingSFT
 
 from lt_posttrain import InstructDataModule, Source
-from lt_posttrain.data.formats import load_format
+from lt_posttrain.data.source_types import load_source_type
 from lt_posttrain.errors import UserError
 
 
@@ -39,8 +39,8 @@ def test_loss_is_the_smoothed_cross_entropy_sum(tiny_model_dir, alpaca_file, tok
 
 def test_alpaca_rows_become_conversations():
     source = Source(name_or_path="alpaca.jsonl", type="alpaca", options={"system": "Be brief."})
-    alpaca = load_format(source)
-    assert isinstance(alpaca, AlpacaFormat)
+    alpaca = load_source_type(source)
+    assert isinstance(alpaca, AlpacaSourceType)
     assert alpaca.messages({"instruction": "Add 2 and 3.", "input": "", "output": "5"}, 0) == [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Add 2 and 3."},

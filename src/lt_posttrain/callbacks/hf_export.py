@@ -6,10 +6,10 @@ from typing import Optional, Union
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
-from lt_posttrain.folders import check_writable
 from lt_posttrain.model.export import export_hf
 from lt_posttrain.model.lora import is_peft_model
-from lt_posttrain.model.sharding import gather_state_dict
+from lt_posttrain.training.run_folder import check_writable
+from lt_posttrain.training.sharding import gather_state_dict
 
 
 class HFCheckpoint(L.Callback):

@@ -15,12 +15,12 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from lt_posttrain.model.sharding import full_shape
+from lt_posttrain.training.sharding import full_shape
 
 
 def matmul_parameters(model: torch.nn.Module) -> int:
     """Weights of every ``nn.Linear``, PEFT's included, counted whole under ZeRO-3 and FSDP (their shards' full
-    shapes, see ``model/sharding.py``)."""
+    shapes, see ``training/sharding.py``)."""
     total = 0
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)

@@ -10,9 +10,9 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from lt_posttrain.callbacks.atomic_checkpoint_io import AtomicCheckpointIO
 from lt_posttrain.errors import UserError
-from lt_posttrain.folders import check_writable
+from lt_posttrain.training.checkpoint_io import AtomicCheckpointIO
+from lt_posttrain.training.run_folder import check_writable
 
 _STEP_FILE = re.compile(r"^step-(\d+)\.ckpt$")
 _DEEPSPEED_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")

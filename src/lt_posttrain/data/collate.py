@@ -6,7 +6,7 @@ sample so that a packed sample never predicts the next one's first token.
 
 import torch
 
-from lt_posttrain.data.tokenize import IGNORE_INDEX
+from lt_posttrain.batch import IGNORE_INDEX
 
 
 def _targets(labels: list[int]) -> list[int]:

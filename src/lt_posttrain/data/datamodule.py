@@ -12,11 +12,11 @@ from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lt_posttrain.data.dataset import MicroBatchDataset, describe_dropped, load_samples
-from lt_posttrain.data.formats import load_format
 from lt_posttrain.data.mixing import mixture_indices
 from lt_posttrain.data.packing import pack_best_fit
 from lt_posttrain.data.plan import PlanSampler
 from lt_posttrain.data.prompts import collate_prompts, prompt_of
+from lt_posttrain.data.source_types import load_source_type
 from lt_posttrain.data.sources import Source, as_source, load_rows
 from lt_posttrain.errors import UserError
 
@@ -188,7 +188,7 @@ class InstructDataModule(L.LightningDataModule):
         """The test (else validation) conversations as prompts, for greedy generation of their last answer."""
         prompts = []
         for source in self.test_sources or self.val_sources or self.sources:
-            source_format = load_format(source)
+            source_format = load_source_type(source)
             render = source_format.resolved_renderer(self.tokenizer, self.chat_template)
             conversations = (source_format.messages(row, index) for index, row in enumerate(load_rows(source)))
             prompts += [prompt_of(messages, self.tokenizer, render=render) for messages in conversations if messages]

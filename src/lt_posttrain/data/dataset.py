@@ -10,8 +10,8 @@ import torch
 from torch.utils.data import Dataset
 
 from lt_posttrain.data.collate import collate_packed, collate_padded
-from lt_posttrain.data.formats import RenderError, load_format
 from lt_posttrain.data.plan import MicroBatch
+from lt_posttrain.data.source_types import RenderError, load_source_type
 from lt_posttrain.data.sources import Source, load_rows
 from lt_posttrain.data.tokenize import TRAINED_ROLES, count_loss_tokens, render_conversation, tokenize_rendered_batch
 from lt_posttrain.errors import UserError
@@ -46,8 +46,8 @@ def conversation_samples(messages: list[dict], render, tokenizer, max_length: in
 def tokenize_rows(
     rows, source: Source, tokenizer, max_length: int, chat_template: str | None, overlong="truncate", num_proc=None
 ):
-    """Stages 2 and 3 over a table of rows: each row becomes a conversation with the source's format (its ``type``)
-    and is rendered with the format's renderer, else the chat template.
+    """Stages 2 and 3 over a table of rows: each row becomes a conversation with the source type its ``type`` names
+    and is rendered with the source type's renderer, else the chat template.
 
     Returns ``(samples, dropped)``: ``samples`` a ``datasets.Dataset`` of ``input_ids``, ``labels``, ``truncated``,
     ``length``, ``loss_count`` (and ``weight`` when the rows have a ``weight`` column: it scales the sample's token
@@ -55,7 +55,7 @@ def tokenize_rows(
     within ``max_length``, or longer than ``max_length`` with ``overlong="drop"``). Cached with the rows', so a second
     run with the same rows and options does no work; ``num_proc`` processes tokenize in parallel.
     """
-    source_format = load_format(source)
+    source_format = load_source_type(source)
     render = source_format.resolved_renderer(tokenizer, chat_template)
     where = f"data source {source.name_or_path!r}"
     weighted = "weight" in rows.column_names

@@ -30,8 +30,8 @@ class Source:
         type: how a row becomes a conversation: ``messages`` (a column of ``{role, content}`` turns),
             ``huggingface_instruct`` (columns mapped to roles with ``role_mapping``), ``prompt_generation``
             (``{"prompt", "generation"}`` rows, rendered as plain text), ``ragfit`` (RAG-FiT's query/answer rows), the
-            name of a plugin registered under the ``lt_posttrain.data_sources`` entry-point group, or a dotted import
-            path ``my_package.formats.MyFormat``.
+            name of a plugin registered under the ``lt_posttrain.source_types`` entry-point group, or a dotted import
+            path ``my_package.source_types.MySourceType``.
         weight: this source's share of the training mix. When any training source has a weight, each epoch draws
             from every source in proportion to its weight (a source without one weighs 1), as many samples as all
             sources hold together: a down-weighted source is subsampled, an up-weighted one repeated.

@@ -11,7 +11,8 @@ import os
 from bisect import bisect_left
 from dataclasses import dataclass, field
 
-IGNORE_INDEX = -100
+from lt_posttrain.batch import IGNORE_INDEX
+
 TRAINED_ROLES = frozenset({"assistant"})
 
 

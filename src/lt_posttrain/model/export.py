@@ -28,7 +28,7 @@ def export_hf(
     held before. Sub-folders of ``output_dir`` (step exports) are kept.
 
     ``state_dict`` (keyed as ``model.state_dict()``) gives the weights to write when ``model``'s own are not whole,
-    e.g. gathered from the shards of DeepSpeed ZeRO-3 or FSDP (:func:`lt_posttrain.model.sharding.gather_state_dict`);
+    e.g. gathered from the shards of DeepSpeed ZeRO-3 or FSDP (:func:`lt_posttrain.training.sharding.gather_state_dict`);
     ``model`` then provides only the config and, for an adapter, which weights belong to it. A model's weights are
     split into safetensors files of at most ``max_shard_size`` (``"5GB"``, or bytes) with an index file.
     """

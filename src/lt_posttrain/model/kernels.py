@@ -2,7 +2,7 @@
 fused linear cross-entropy loss needs (the decoder's hidden states and the output head), so no logits tensor is built.
 
 Liger's own cross-entropy patches are never applied: the SFT loss calls the fused kernel itself
-(:func:`lt_posttrain.trainers.losses.fused_linear_cross_entropy_sum`), keeping its sum and per-token weights.
+(:func:`lt_posttrain.training.losses.fused_linear_cross_entropy_sum`), keeping its sum and per-token weights.
 Liger patches some functions module-wide (RoPE in ``transformers.models.<arch>``): later models of the same
 architecture in the process use them too.
 """

@@ -11,10 +11,10 @@ from typing import Optional
 from lt_posttrain.plugins.registry import PluginGroup
 
 
-def _data_source_problem(obj) -> Optional[str]:
+def _source_type_problem(obj) -> Optional[str]:
     if isinstance(obj, type) and all(callable(getattr(obj, method, None)) for method in ("messages", "renderer")):
         return None
-    return "is not a data-source format: it needs messages(row, index) and renderer(...)"
+    return "is not a source type: it needs messages(row, index) and renderer(...)"
 
 
 TRAINERS = PluginGroup("lt_posttrain.trainers", "trainer", "my_package.MyTrainer", base="lt_posttrain.SFTModule")
@@ -30,10 +30,10 @@ CALLBACKS = PluginGroup(
 )
 """``trainer.callbacks`` (``[{class_path: NAME}]``): Lightning callbacks."""
 
-DATA_SOURCES = PluginGroup(
-    "lt_posttrain.data_sources", "type", "my_package.formats.MyFormat", check=_data_source_problem
+SOURCE_TYPES = PluginGroup(
+    "lt_posttrain.source_types", "type", "my_package.source_types.MySourceType", check=_source_type_problem
 )
 """A data source's ``type``: classes with ``messages(row, index)`` and ``renderer(tokenizer, chat_template)`` (see
-``lt_posttrain.data.formats.base.Format``)."""
+``lt_posttrain.data.source_types.base.SourceType``)."""
 
-GROUPS = (TRAINERS, DATA_MODULES, CALLBACKS, DATA_SOURCES)
+GROUPS = (TRAINERS, DATA_MODULES, CALLBACKS, SOURCE_TYPES)

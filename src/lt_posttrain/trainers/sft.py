@@ -18,7 +18,20 @@ from lt_posttrain.model.attention import VARLEN
 from lt_posttrain.model.kernels import FUSED_LOSS, LigerKernels, apply_liger_kernels, fused_loss_parts, require_liger
 from lt_posttrain.model.loading import import_model_code, load_causal_lm, load_tokenizer, resolve_model_path
 from lt_posttrain.model.lora import LoraOptions, apply_lora
-from lt_posttrain.model.optim import (
+from lt_posttrain.model.parameters import describe_parameter_counts
+from lt_posttrain.model.quantization import (
+    bitsandbytes_config,
+    check_quantization,
+    is_quantized,
+    prepare_quantized_for_training,
+    require_bitsandbytes,
+)
+from lt_posttrain.training.losses import (
+    fused_linear_cross_entropy_sum,
+    fused_loss_weighs_tokens,
+    token_cross_entropy_sum,
+)
+from lt_posttrain.training.optimizer import (
     BuiltInOptimizer,
     OptimizerName,
     Schedule,
@@ -28,27 +41,14 @@ from lt_posttrain.model.optim import (
     require_torchao,
     warmup_steps_of,
 )
-from lt_posttrain.model.optimizer_in_backward import IN_BACKWARD, check_optimizer_in_backward
-from lt_posttrain.model.precision import (
+from lt_posttrain.training.optimizer_in_backward import IN_BACKWARD, check_optimizer_in_backward
+from lt_posttrain.training.precision import (
     clip_under_bf16_autocast,
     keeps_master_weights,
     lost_update_warning,
     resolve_optimizer,
 )
-from lt_posttrain.model.parameters import describe_parameter_counts
-from lt_posttrain.model.quantization import (
-    bitsandbytes_config,
-    check_quantization,
-    is_quantized,
-    prepare_quantized_for_training,
-    require_bitsandbytes,
-)
-from lt_posttrain.model.sharding import fit_to_strategy, sharded_creation
-from lt_posttrain.trainers.losses import (
-    fused_linear_cross_entropy_sum,
-    fused_loss_weighs_tokens,
-    token_cross_entropy_sum,
-)
+from lt_posttrain.training.sharding import fit_to_strategy, sharded_creation
 
 PACKED_KEYS = ("attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 Dtype = Literal["float32", "bfloat16", "float16", "auto"]
@@ -86,7 +86,7 @@ class SFTModule(L.LightningModule):
             or ``paged_adamw_8bit`` (bitsandbytes, CUDA); or the import path of an optimizer class.
         optimizer_in_backward: step each weight in the backward pass as soon as its gradient is complete, and free
             the gradient (``adamw_kahan`` or ``adamw_stochastic``, one device; no clipping, no accumulation): the
-            gradients of the whole model are never held together (see ``model/optimizer_in_backward.py``).
+            gradients of the whole model are never held together (see ``training/optimizer_in_backward.py``).
     """
 
     def __init__(

@@ -9,8 +9,8 @@ import optimi
 import torch
 from torch import nn
 
-from lt_posttrain.model.optimizer_in_backward import AdamWInBackward, stochastic_adamw_in_backward
-from lt_posttrain.model.sharding import full_shape
+from lt_posttrain.training.optimizer_in_backward import AdamWInBackward, stochastic_adamw_in_backward
+from lt_posttrain.training.sharding import full_shape
 
 Schedule = Literal["cosine", "linear", "constant"]
 BuiltInOptimizer = Literal["auto", "adamw", "adamw_kahan", "adamw_stochastic", "adamw_8bit", "paged_adamw_8bit"]
@@ -42,14 +42,14 @@ def build_adamw(model: nn.Module, learning_rate: float, weight_decay: float, bet
 
 
 def build_optimizer(name: str, model: nn.Module, learning_rate: float, weight_decay: float, in_backward: bool = False):
-    """The optimizer ``name`` over :func:`decay_groups` (resolve ``auto`` first, see ``model/precision.py``).
+    """The optimizer ``name`` over :func:`decay_groups` (resolve ``auto`` first, see ``training/precision.py``).
 
     ``adamw``: torch's (fused on GPU). ``adamw_kahan``: torch-optimi's AdamW with Kahan-compensated updates, so bf16
     weights lose no update smaller than their rounding step (one more bf16 buffer a weight). ``adamw_stochastic``:
     torchao's AdamW rounding bf16 weights stochastically, unbiased on average at no extra memory. ``adamw_8bit`` /
     ``paged_adamw_8bit``: bitsandbytes' 8-bit states (paged: spills to the CPU under memory pressure). Else the import path of an optimizer class,
     called as ``cls(param_groups, lr=learning_rate)``. ``in_backward`` (``adamw_kahan`` or ``adamw_stochastic``): each
-    weight steps in the backward pass (``model/optimizer_in_backward.py``).
+    weight steps in the backward pass (``training/optimizer_in_backward.py``).
     """
     groups = [group for group in decay_groups(model, weight_decay) if group["params"]]
     if name == "adamw":

@@ -8,7 +8,7 @@ from typing import Literal
 
 from jsonargparse import ArgumentError, ArgumentParser
 
-from lt_posttrain.cli_errors import ConfigError, explain_parser_error
+from lt_posttrain.cli.parse_errors import ConfigError, explain_parser_error
 from lt_posttrain.plugins.groups import GROUPS
 from lt_posttrain.plugins.registry import PluginInfo, inspect_group
 

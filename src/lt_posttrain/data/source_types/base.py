@@ -1,4 +1,4 @@
-"""What a data-source type is: rows of a source become conversations, rendered by the chat template or by the
+"""What a source type is: rows of a source become conversations, rendered by the chat template or by the
 type's own renderer."""
 
 import json
@@ -11,7 +11,7 @@ from lt_posttrain.errors import UserError
 Render = Callable[[list[dict], bool], str]
 """``render(messages, add_generation_prompt) -> str``, the contract of ``tokenize.template_renderer``."""
 
-# Fields every type understands; the others belong to one type or another (see ``Format.reads``).
+# Fields every type understands; the others belong to one type or another (see ``SourceType.reads``).
 COMMON_FIELDS = frozenset({"name_or_path", "split", "subset", "sample_count", "shuffle", "seed", "type", "weight", "options"})
 
 
@@ -19,17 +19,17 @@ class RenderError(ValueError):
     """A renderer cannot render a conversation; the caller names the source and the row in the user's message."""
 
 
-class Format:
+class SourceType:
     """Turns the rows of one data source into conversations (lists of ``{"role", "content"}`` messages).
 
     A subclass implements :meth:`messages` and, to render without the chat template, :meth:`renderer`. It reads its
     settings from the source's fields or from ``source.options`` (for plugins).
 
     Args:
-        source: the :class:`~lt_posttrain.data.sources.Source` whose rows this format reads.
+        source: the :class:`~lt_posttrain.data.sources.Source` whose rows this source type reads.
 
     Attributes:
-        reads: the type-specific ``Source`` fields this format uses; setting any other one is an error (it usually
+        reads: the type-specific ``Source`` fields this source type uses; setting any other one is an error (it usually
             means a forgotten ``type``). ``None`` (the default, for plugins) checks nothing.
     """
 

@@ -18,14 +18,14 @@ from typing import Any, Literal, Optional, Union
 
 from jsonargparse import ArgumentParser, auto_cli
 
-from lt_posttrain.cli import _config_files
-from lt_posttrain.cli_errors import ConfigError, explain_parser_error
+from lt_posttrain.batch import IGNORE_INDEX
+from lt_posttrain.cli.parse_errors import ConfigError, config_files, explain_parser_error
 from lt_posttrain.data.datamodule import InstructDataModule
-from lt_posttrain.data.formats import load_format
+from lt_posttrain.data.dataset import conversation_samples
+from lt_posttrain.data.source_types import load_source_type
 from lt_posttrain.data.sources import Source, load_rows
 from lt_posttrain.data.stats import PERCENTILES, sample_stats
-from lt_posttrain.data.dataset import conversation_samples
-from lt_posttrain.data.tokenize import IGNORE_INDEX, count_loss_tokens
+from lt_posttrain.data.tokenize import count_loss_tokens
 from lt_posttrain.errors import UserError
 from lt_posttrain.model.loading import load_tokenizer
 
@@ -163,7 +163,7 @@ def first_samples(data: InstructDataModule, num: int) -> Iterator[tuple[list[dic
     if num <= 0:
         return
     for source in data.sources:
-        source_format = load_format(source)
+        source_format = load_source_type(source)
         render = source_format.resolved_renderer(data.tokenizer, data.chat_template)
         for index, row in enumerate(load_rows(source)):
             messages = source_format.messages(row, index)
@@ -325,7 +325,7 @@ class _Parser(ArgumentParser):
             if exit.code in (0, None) or "error:" not in printed.getvalue():
                 raise
             message = printed.getvalue().split("error:", 1)[1]
-            raise ConfigError(explain_parser_error(message, _option_names(self), _config_files(args))) from None
+            raise ConfigError(explain_parser_error(message, _option_names(self), config_files(args))) from None
         finally:
             _Parser._parsing = False
             if "error:" not in printed.getvalue():

@@ -1,4 +1,4 @@
-"""The ``lt-posttrain`` command: Lightning's CLI for fit/validate/test/predict, one clear line for bad input."""
+"""Lightning's CLI for fit/validate/test/predict: the recipe's sections, one clear line for bad input."""
 
 import contextlib
 import io
@@ -10,20 +10,20 @@ from typing import Optional
 import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from lt_posttrain.callbacks.atomic_checkpoint_io import CHECKPOINT_READ_ERRORS, checkpoint_read_error
 from lt_posttrain.callbacks.hf_export import HFCheckpoint
 from lt_posttrain.callbacks.nonfinite import NonFiniteLossGuard
 from lt_posttrain.callbacks.predictions import PredictionWriter
 from lt_posttrain.callbacks.random_state import RandomStateCheckpoint
 from lt_posttrain.callbacks.throughput import ThroughputMeter
 from lt_posttrain.callbacks.training_state import TrainingStateCheckpoint, checkpoint_states_file
-from lt_posttrain.cli_errors import ConfigError, explain_parser_error, find_user_error
+from lt_posttrain.cli.parse_errors import ConfigError, config_files, explain_parser_error
 from lt_posttrain.data.datamodule import InstructDataModule
 from lt_posttrain.errors import UserError
-from lt_posttrain.folders import check_writable
 from lt_posttrain.plugins.short_names import expand_short_names
-from lt_posttrain.strategies import check_strategy, leave_process_group, prepare_strategy
 from lt_posttrain.trainers.sft import SFTModule
+from lt_posttrain.training.checkpoint_io import CHECKPOINT_READ_ERRORS, checkpoint_read_error
+from lt_posttrain.training.run_folder import check_writable
+from lt_posttrain.training.strategy import check_strategy, prepare_strategy
 
 TRAINER_DEFAULTS = {"max_epochs": 1}
 
@@ -45,7 +45,7 @@ class PostTrainCLI(LightningCLI):
                 sys.stderr.write(printed.getvalue())
                 raise
             message = printed.getvalue().split("error:", 1)[1]
-            raise ConfigError(explain_parser_error(message, _option_names(parser), _config_files(args))) from None
+            raise ConfigError(explain_parser_error(message, _option_names(parser), config_files(args))) from None
         sys.stderr.write(printed.getvalue())
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -118,12 +118,6 @@ def _option_names(parser: LightningArgumentParser) -> list[str]:
     return sorted({option for each in parsers for option in each._option_string_actions if option.startswith("--")})
 
 
-def _config_files(args) -> list[str]:
-    args = list(sys.argv[1:] if args is None else args)
-    files = [value for flag, value in zip(args, args[1:]) if flag in ("-c", "--config")]
-    return files + [arg.split("=", 1)[1] for arg in args if arg.startswith("--config=") and "{" not in arg]
-
-
 def build_cli(args: Optional[list] = None, run: bool = True) -> PostTrainCLI:
     """The CLI object for ``args`` (``sys.argv`` if None); with ``run`` the subcommand runs too. Plugins' short
     names (``--model dpo``) are expanded to import paths first."""
@@ -142,39 +136,3 @@ def build_cli(args: Optional[list] = None, run: bool = True) -> PostTrainCLI:
         args=args,
         run=run,
     )
-
-
-def main(args: Optional[list] = None) -> None:
-    """``lt-posttrain``: ``fit``/``validate``/``test``/``predict`` go to Lightning's CLI, ``data ...`` to
-    :mod:`lt_posttrain.commands.data` and ``plugins`` to :mod:`lt_posttrain.commands.plugins` (commands that are not
-    Trainer methods, so not LightningCLI subcommands)."""
-    argv = sys.argv[1:] if args is None else [str(arg) for arg in args]
-    try:
-        if argv[:1] == ["data"]:
-            from lt_posttrain.commands import data
-
-            data.run(expand_short_names(argv[1:]))
-        elif argv[:1] == ["plugins"]:
-            from lt_posttrain.commands import plugins
-
-            plugins.run(argv[1:])
-        elif argv in (["-h"], ["--help"]):
-            try:
-                build_cli(args)
-            finally:
-                print("\nother commands:\n  data {prepare,preview}  tokenize and count a recipe's data, or show its "
-                      "samples (lt-posttrain data --help)\n  plugins                 list the installed trainers, data "
-                      "modules, callbacks and data-source types (docs/plugins.md)")  # fmt: skip
-        else:
-            build_cli(args)
-            leave_process_group()
-    except Exception as error:
-        user_error = find_user_error(error)
-        if user_error is None:
-            raise
-        print(f"lt-posttrain: error: {user_error}", file=sys.stderr)
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    main()

@@ -4,6 +4,7 @@ import difflib
 import importlib
 import inspect
 import re
+import sys
 from typing import Iterable, Optional
 
 from lt_posttrain.errors import UserError
@@ -13,6 +14,14 @@ _NOISE = ("Does not validate against any of the Union subtypes", "Subtypes:", "E
 
 class ConfigError(UserError):
     """A recipe or command line the parser rejected."""
+
+
+def config_files(args: Optional[list]) -> list[str]:
+    """The files given to ``--config`` in ``args`` (the command line, ``sys.argv[1:]``, if None), for naming the file
+    of a YAML error."""
+    args = list(sys.argv[1:] if args is None else args)
+    files = [value for flag, value in zip(args, args[1:]) if flag in ("-c", "--config")]
+    return files + [arg.split("=", 1)[1] for arg in args if arg.startswith("--config=") and "{" not in arg]
 
 
 def find_user_error(error: BaseException) -> Optional[UserError]:

@@ -15,14 +15,14 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from lt_posttrain.data.formats.base import Format, Render, RenderError, chat_renderer
+from lt_posttrain.data.source_types.base import SourceType, Render, RenderError, chat_renderer
 from lt_posttrain.errors import UserError
 
 # Stands for the answer while rendering a prompt: the prompt is what the template puts before it.
 _ANSWER = "\ue000answer\ue000"
 
 
-class RagFitFormat(Format):
+class RagFitSourceType(SourceType):
     """A query and its answer as ``[system?, user, assistant]``.
 
     Reads the source's ``input_key`` (the query column, default ``prompt`` as in RAG-FiT), ``output_key`` (the

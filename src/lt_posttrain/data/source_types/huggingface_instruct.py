@@ -9,7 +9,7 @@ multi-turn chat is kept.
 
 from typing import NamedTuple
 
-from lt_posttrain.data.formats.base import Format
+from lt_posttrain.data.source_types.base import SourceType
 from lt_posttrain.errors import UserError
 
 DEFAULT_ROLE_MAPPING = {"user": "user", "assistant": "assistant"}
@@ -45,7 +45,7 @@ class ListTurns(NamedTuple):
     value: str
 
 
-class HuggingFaceInstructFormat(Format):
+class HuggingFaceInstructSourceType(SourceType):
     """Roles mapped to columns, with ``role_mapping`` (role to ``column`` or ``column.field.value``) and
     ``content_key`` (the text field of a turn in a list column).
 

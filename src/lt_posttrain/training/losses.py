@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from lt_posttrain.data.tokenize import IGNORE_INDEX
+from lt_posttrain.batch import IGNORE_INDEX
 
 
 def token_cross_entropy_sum(

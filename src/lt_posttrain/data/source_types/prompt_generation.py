@@ -6,11 +6,11 @@ generation and that token carry loss.
 
 from typing import Optional
 
-from lt_posttrain.data.formats.base import Format, Render
+from lt_posttrain.data.source_types.base import SourceType, Render
 from lt_posttrain.errors import UserError
 
 
-class PromptGenerationFormat(Format):
+class PromptGenerationSourceType(SourceType):
     """A user turn (the prompt) and an assistant turn (the generation), rendered by concatenation.
 
     Reads the source's ``input_key`` (the prompt column, default ``prompt``) and ``output_key`` (the generation

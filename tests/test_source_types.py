@@ -1,4 +1,4 @@
-"""Data-source types: each turns real-shaped rows into the conversation we expect, and the masks that follow train
+"""Source types: each turns real-shaped rows into the conversation we expect, and the masks that follow train
 exactly the answers (checked token by token where the type renders on its own)."""
 
 import json
@@ -9,7 +9,7 @@ import pytest
 from conftest import GSM8K, SHAREGPT, TOKENIZER_DIR, write_jsonl
 from lt_posttrain import InstructDataModule, Source
 from lt_posttrain.data.dataset import NO_ASSISTANT_TURN, NO_LOSS_TOKEN, tokenize_rows
-from lt_posttrain.data.formats import load_format
+from lt_posttrain.data.source_types import load_source_type
 from lt_posttrain.data.sources import load_rows
 from lt_posttrain.data.tokenize import count_loss_tokens, tokenize_conversation
 from lt_posttrain.errors import UserError
@@ -37,7 +37,7 @@ def tokenized(tokenizer, path, max_length=512, chat_template=None, **fields):
 
 def conversations(path, **fields) -> list[list[dict]]:
     source = Source(name_or_path=str(path), **fields)
-    source_format = load_format(source)
+    source_format = load_source_type(source)
     return [source_format.messages(row, index) for index, row in enumerate(load_rows(source))]
 
 
@@ -261,17 +261,17 @@ def test_roles_reversed_by_the_mapping(tmp_path, tokenizer):
 
 
 def test_known_datasets_get_their_mapping():
-    orca = load_format(Source(name_or_path="Open-Orca/SlimOrca", type="huggingface_instruct"))
+    orca = load_source_type(Source(name_or_path="Open-Orca/SlimOrca", type="huggingface_instruct"))
     assert orca.content_key == "value"
     messages = orca.messages({"conversations": SLIMORCA_TURNS}, 0)
     assert [m["role"] for m in messages] == ["system"] + ["user", "assistant"] * 3
-    ultrachat = load_format(Source(name_or_path="HuggingFaceH4/ultrachat_200k", type="huggingface_instruct"))
+    ultrachat = load_source_type(Source(name_or_path="HuggingFaceH4/ultrachat_200k", type="huggingface_instruct"))
     turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     row = {"prompt": "Hi", "prompt_id": "x", "messages": turns}
     assert ultrachat.messages(row, 0) == turns
     # a mapping that is given wins
     mapping = {"user": "response", "assistant": "query"}
-    given = load_format(Source(name_or_path="meta-math/MetaMathQA", type="huggingface_instruct", role_mapping=mapping))
+    given = load_source_type(Source(name_or_path="meta-math/MetaMathQA", type="huggingface_instruct", role_mapping=mapping))
     assert given.messages({"query": "q", "response": "a"}, 0) == [
         {"role": "user", "content": "a"},
         {"role": "assistant", "content": "q"},
@@ -327,7 +327,7 @@ def test_prompt_generation_trains_only_the_generation_and_eos(tmp_path, plain_to
 
 
 def test_prompt_generation_renderer_is_plain_concatenation(tokenizer):
-    source_format = load_format(Source(name_or_path="x.jsonl", type="prompt_generation"))
+    source_format = load_source_type(Source(name_or_path="x.jsonl", type="prompt_generation"))
     messages = source_format.messages({"prompt": "P", "generation": "G"}, 0)
     render = source_format.renderer(tokenizer, None)
     assert render(messages[:1], True) == "P"
@@ -489,7 +489,7 @@ def test_ragfit_missing_query_column(ragfit_rows):
         conversations(ragfit_rows, type="ragfit", output_key="answers")
 
 
-# -- the cache knows the format --------------------------------------------------------------------------------------
+# -- the cache knows the source type -----------------------------------------------------------------------------------
 def test_changing_the_format_is_not_served_from_the_cache(tmp_path, tokenizer, instruction):
     path = write_jsonl(tmp_path / "rag.jsonl", [{"prompt": "Capital of Italy?", "answer": "Rome."}])
     base = dict(type="ragfit", output_key="answer", instruction=str(instruction))

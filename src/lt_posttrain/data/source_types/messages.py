@@ -1,9 +1,9 @@
 """``type: messages`` (the default): a column of OpenAI-style turns, ``[{"role": ..., "content": ...}, ...]``."""
 
-from lt_posttrain.data.formats.base import Format
+from lt_posttrain.data.source_types.base import SourceType
 
 
-class MessagesFormat(Format):
+class MessagesSourceType(SourceType):
     """Each row holds its conversation as a list of turns, used as it is (other keys of a turn, such as
     ``tool_calls``, are kept for the chat template; null values are dropped).
 

@@ -28,3 +28,19 @@ def save_tiny_llama(folder, tokenizer, seed: int = 0) -> Path:
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def real_chat_template(name: str) -> str:
+    """A model's real chat template as TRL ships it (``trl/chat_templates/NAME.jinja``: ``qwen3`` is Qwen3's own,
+    ``qwen3_training`` the same with ``{% generation %}`` markers, ``phi3``, ``llama3``, ...), read as a file so
+    that TRL itself is never imported.
+
+    Args:
+        name: the file's name without ``.jinja``.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("trl")
+    if spec is None:
+        raise ModuleNotFoundError("the real chat templates come with TRL: pip install 'trl>=1.16'")
+    return (Path(spec.submodule_search_locations[0]) / "chat_templates" / f"{name}.jinja").read_text()

@@ -16,7 +16,7 @@ from lt_posttrain.data.sources import Source, load_rows
 from lt_posttrain.data.tokenize import TRAINED_ROLES, count_loss_tokens, render_conversation, tokenize_rendered_batch
 from lt_posttrain.errors import UserError
 
-FORMAT_VERSION = "4"  # bump when tokenization changes, so cached results are not reused
+FORMAT_VERSION = "5"  # bump when tokenization changes, so cached results are not reused
 
 NO_ASSISTANT_TURN = "no assistant turn"
 NO_LOSS_TOKEN = "no answer token within max_length"

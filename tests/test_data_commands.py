@@ -193,6 +193,10 @@ def test_preview_text_shows_the_conversation(tiny_model_dir, chats_file, rows, t
         assert messages[0]["content"] in result.stdout and messages[1]["content"] in result.stdout
     assert "sample 0:" in result.stdout and "sample 1:" in result.stdout and "sample 2:" not in result.stdout
     assert "<|im_start|>assistant" in result.stdout
+    # not a terminal, so no colour: the tokens that carry loss are marked, each answer and its end-of-turn token
+    assert result.stdout.count("\u27e6") == 3 and "\u27e6tokens that carry loss\u27e7" in result.stdout  # legend, 2 answers
+    for messages in (first, second):
+        assert f"\u27e6{messages[1]['content']}<|im_end|>\u27e7" in result.stdout
     assert lt_posttrain("data", "preview", "--config", config, "--num", 0).returncode == 0
 
 

@@ -9,7 +9,14 @@ import json
 
 import pytest
 
-from lt_posttrain.data.tokenize import IGNORE_INDEX, render_conversation, template_renderer, tokenize_conversation
+from lt_posttrain.data.tokenize import (
+    IGNORE_INDEX,
+    render_conversation,
+    render_in_one_pass,
+    render_turn_by_turn,
+    template_renderer,
+    tokenize_conversation,
+)
 from lt_posttrain.testing import real_chat_template
 
 from conftest import SHAREGPT, TOKENIZER_DIR
@@ -150,3 +157,56 @@ def test_a_template_dropping_earlier_reasoning_still_splits(model_tokenizer):
             start, end = part.spans[-1]
             assert part.text[start:end].startswith("<think>\n\n</think>\n\n")
             assert part.text[:start].endswith("<|im_start|>assistant\n")
+
+
+# -- one pass against turn by turn ---------------------------------------------------------------------------------
+ONE_PASS_TEMPLATES = ["qwen3_training", "phi3", "phi3_5", "llama3", "qwen2_5", "deepseek_r1_distill", "lfm2", "cohere"]
+
+
+def same_parts(one, reference) -> bool:
+    return [(part.text, part.spans) for part in one] == [(part.text, part.spans) for part in reference]
+
+
+@pytest.mark.parametrize("name", ["smollm2", "qwen3", *ONE_PASS_TEMPLATES])
+def test_one_pass_gives_the_turn_by_turn_spans(model_tokenizer, name):
+    """On the ShareGPT set (with and without a system turn) and GSM8K: wherever the one-pass path answers, its
+    texts and spans are the turn-by-turn ones; it answers for every conversation of a template that never rewrites
+    an earlier turn, and for Qwen3's own template only where no later turn rewrites one."""
+    from conftest import gsm8k_chats
+
+    render = template_renderer(model_tokenizer, None if name == "smollm2" else real_chat_template(name))
+    chats = sharegpt(500)
+    chats += [[{"role": "system", "content": "Answer briefly."}, *chat] for chat in chats[:100]]
+    chats += [row["messages"] for row in gsm8k_chats(200)]
+    answered = 0
+    for messages in chats:
+        one = render_in_one_pass(messages, render)
+        if one is not None:
+            answered += 1
+            assert same_parts(one, render_turn_by_turn(messages, render)), messages
+    if name == "qwen3":
+        single = sum(sum(message["role"] == "assistant" for message in chat) == 1 for chat in chats)
+        assert answered == single
+    else:
+        assert answered == len(chats)
+
+
+def test_one_pass_declines_templates_that_change_contents_or_rewrite_turns(model_tokenizer, tokenizer):
+    from test_masks import PLAIN_CHATML, REWRITING_AT_USER_TEMPLATE, REWRITING_TEMPLATE, THINKING_CHAT
+
+    chat = THINKING_CHAT * 2
+    for template in (REWRITING_TEMPLATE, REWRITING_AT_USER_TEMPLATE):
+        render = template_renderer(tokenizer, template)
+        assert render_in_one_pass(chat, render) is None
+        assert same_parts(render_conversation(chat, render), render_turn_by_turn(chat, render))
+        assert len(render_conversation(chat, render)) == 4
+    render = template_renderer(tokenizer, PLAIN_CHATML)
+    assert same_parts(render_in_one_pass(chat, render), render_turn_by_turn(chat, render))
+    # Llama 3 trims every content: a content with spaces around it is not rendered as given
+    render = template_renderer(model_tokenizer, real_chat_template("llama3"))
+    padded = [{**message, "content": f"  {message['content']} \n"} for message in chat]
+    assert render_in_one_pass(padded, render) is None
+    assert same_parts(render_conversation(padded, render), render_turn_by_turn(padded, render))
+    # a content that holds the placeholder's character is rendered turn by turn
+    marked = [*chat[:-1], {"role": "assistant", "content": "\ue000 13"}]
+    assert render_in_one_pass(marked, render) is None

@@ -32,6 +32,7 @@ from lt_posttrain.model.loading import load_tokenizer
 Format = Literal["text", "json"]
 Section = Optional[dict[str, Any]]
 LOSS_STYLE, CONTEXT_STYLE = "black on green", "dim"
+LOSS_MARKS = ("\u27e6", "\u27e7")  # around the tokens that carry loss where there is no colour: ⟦ ⟧
 
 
 # -- the commands ------------------------------------------------------------------------------------------------
@@ -116,7 +117,8 @@ def preview(
         model: the recipe's ``model`` section; only ``name_or_path`` and ``trust_remote_code`` are read, to load the
             tokenizer (never the weights).
         num: how many samples to show.
-        format: ``text`` (tokens that carry loss on a green background, the others dim) or ``json`` (one
+        format: ``text`` (tokens that carry loss on a green background, the others dim; without colour, as
+            when the output is not a terminal, between ``⟦`` and ``⟧``) or ``json`` (one
             ``{"messages", "input_ids", "labels"}`` object per line; ``labels`` is -100 where there is no loss).
     """
     if num < 0:
@@ -131,11 +133,12 @@ def preview(
     from rich.console import Console
 
     console = Console(highlight=False, soft_wrap=True)
-    console.print(_legend())
+    marked = console.color_system is None  # no colour (not a terminal, NO_COLOR): the mask needs marks
+    console.print(_legend(marked))
     for index, (_messages, sample) in enumerate(samples):
         console.print()
         console.print(_header(index, sample))
-        console.print(sample_text(sample["input_ids"], sample["labels"], tokenizer))
+        console.print(sample_text(sample["input_ids"], sample["labels"], tokenizer, marked))
 
 
 # -- the pieces ---------------------------------------------------------------------------------------------------
@@ -273,22 +276,63 @@ def token_pieces(input_ids: list[int], tokenizer, context: int = 4) -> list[str]
     return pieces
 
 
-def sample_text(input_ids: list[int], labels: list[int], tokenizer):
-    """A ``rich`` ``Text`` of one sample, token by token: tokens that carry loss on green, the others dim."""
+def sample_text(input_ids: list[int], labels: list[int], tokenizer, marked: bool = False):
+    """A ``rich`` ``Text`` of one sample: tokens that carry loss on green, the others dim; with ``marked`` (output
+    without colour), each run of tokens that carry loss between :data:`LOSS_MARKS` as well.
+
+    The text is decoded a run of tokens with the same mask at a time (a few decodes per turn, so a sample of a
+    million tokens shows in seconds). Where a run ends inside a character, the sample is decoded token by token
+    (:func:`token_pieces`), a character split over tokens being trained if any of its tokens is.
+    """
     from rich.text import Text
 
-    text, trained = Text(), False
-    for piece, label in zip(token_pieces(input_ids, tokenizer), labels):
-        trained = trained or label != IGNORE_INDEX  # a character split over tokens is trained if any part is
-        if piece:
-            text.append(piece, style=LOSS_STYLE if trained else CONTEXT_STYLE)
-            trained = False
+    trained = [label != IGNORE_INDEX for label in labels]
+    runs: list[tuple[str, bool]] | None = []
+    start = 0
+    while start < len(input_ids):
+        end = start
+        while end < len(input_ids) and trained[end] == trained[start]:
+            end += 1
+        piece = _decoded(input_ids, start, end, tokenizer)
+        if piece is None:
+            runs = None
+            break
+        runs.append((piece, trained[start]))
+        start = end
+    if runs is None or "".join(piece for piece, _ in runs) != _decode(input_ids, tokenizer):
+        runs, carried = [], False
+        for piece, is_trained in zip(token_pieces(input_ids, tokenizer), trained):
+            carried = carried or is_trained  # a character split over tokens is trained if any part is
+            if piece:
+                runs.append((piece, carried))
+                carried = False
+    text = Text()
+    for piece, is_trained in runs:
+        if marked and is_trained:
+            piece = LOSS_MARKS[0] + piece + LOSS_MARKS[1]
+        text.append(piece, style=LOSS_STYLE if is_trained else CONTEXT_STYLE)
     return text
 
 
-def _legend():
+def _decode(ids: list[int], tokenizer) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def _decoded(input_ids: list[int], start: int, end: int, tokenizer, context: int = 4):
+    """The text of tokens ``[start, end)`` as it appears in the decoded sequence, or ``None`` when a character is
+    split at either end."""
+    left = max(0, start - context)
+    before, after = _decode(input_ids[left:start], tokenizer), _decode(input_ids[left:end], tokenizer)
+    if "\ufffd" in before[-1:] + after[-1:] or not after.startswith(before):
+        return None
+    return after[len(before) :]
+
+
+def _legend(marked: bool):
     from rich.text import Text
 
+    if marked:
+        return Text(f"{LOSS_MARKS[0]}tokens that carry loss{LOSS_MARKS[1]}; the rest is context, no loss")
     return Text.assemble(
         "green: ", ("tokens that carry loss", LOSS_STYLE), "; dim: ", ("context, no loss", CONTEXT_STYLE)
     )

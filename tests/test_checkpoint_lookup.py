@@ -115,3 +115,23 @@ def test_the_hyper_parameters_of_a_checkpoint_update_the_model_section(tmp_path,
     cli = build_cli(["fit", "--model.name_or_path", tiny_model_dir, "--data.sources", f"[{chats}]", "--ckpt_path",
                      checkpoint, "--trainer.accelerator", "cpu", "--trainer.logger", "false"])  # fmt: skip
     assert cli.model.hparams.learning_rate == 0.000123
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_checkpoint_written_but_not_yet_linked_is_the_last(tmp_path, kind):
+    """A run that died after step-6 was complete but before last.ckpt was re-linked resumes from step 6."""
+    for step in (4, 6):
+        write_checkpoint(tmp_path / f"step-{step}.ckpt", kind, step)
+    os.symlink("step-4.ckpt", tmp_path / "last.ckpt")
+    assert resolve_last(tmp_path) == str(tmp_path / "step-6.ckpt")
+
+
+def test_a_copy_as_last_competes_by_its_step(tmp_path):
+    """On a file system without links last.ckpt is a copy: its own step decides, read from the file."""
+    write_checkpoint(tmp_path / "step-4.ckpt", "file", 4)
+    write_checkpoint(tmp_path / "last.ckpt", "file", 6)
+    assert resolve_last(tmp_path) == str(tmp_path / "last.ckpt")
+    write_checkpoint(tmp_path / "step-8.ckpt", "file", 8)
+    assert resolve_last(tmp_path) == str(tmp_path / "step-8.ckpt")
+    (tmp_path / "last.ckpt").write_bytes(b"not a checkpoint")
+    assert resolve_last(tmp_path) == str(tmp_path / "step-8.ckpt")

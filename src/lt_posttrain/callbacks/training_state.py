@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Optional
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from lt_posttrain.errors import UserError
-from lt_posttrain.training.checkpoint_io import AtomicCheckpointIO
+from lt_posttrain.training.checkpoint_io import CHECKPOINT_READ_ERRORS, AtomicCheckpointIO
 from lt_posttrain.training.run_folder import check_writable
 
 _STEP_FILE = re.compile(r"^step-(\d+)\.ckpt$")
@@ -72,16 +73,19 @@ class TrainingStateCheckpoint(ModelCheckpoint):
         super().setup(trainer, pl_module, stage)
 
     def _find_last_checkpoints(self, trainer: L.Trainer) -> set[str]:
-        """What ``--ckpt_path last`` resumes from: ``last.ckpt`` if it resolves to a complete checkpoint, else the
-        highest complete ``step-N.ckpt``; each a file, or a folder under DeepSpeed."""
+        """What ``--ckpt_path last`` resumes from: the complete checkpoint of the highest step, ``step-N.ckpt`` or
+        ``last.ckpt`` (each a file, or a folder under DeepSpeed). A run that died after writing ``step-N.ckpt`` but
+        before linking ``last.ckpt`` to it resumes from step N, not from the checkpoint before."""
         folder = Path(self.resolved_dirpath(trainer))
         last = folder / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
-        if _is_complete(last):
-            return {str(last)}
         entries = folder.iterdir() if folder.is_dir() else ()
         steps = [(int(match.group(1)), path) for path in entries if (match := _STEP_FILE.match(path.name))]
-        complete = [(step, path) for step, path in steps if _is_complete(path)]
-        return {str(max(complete)[1])} if complete else set()
+        complete = sorted((step, path) for step, path in steps if _is_complete(path))
+        if _is_complete(last):
+            step = _step_of_last(last)
+            if not complete or (step is not None and step >= complete[-1][0]):
+                return {str(last)}
+        return {str(complete[-1][1])} if complete else set()
 
     @staticmethod
     def _link_checkpoint(trainer: L.Trainer, filepath: str, linkpath: str) -> None:
@@ -137,6 +141,19 @@ def checkpoint_states_file(folder: Path) -> Optional[Path]:
     except OSError:
         return None
     return next((folder / tag / name for name in _DEEPSPEED_STATES if tag and (folder / tag / name).is_file()), None)
+
+
+def _step_of_last(last: Path) -> Optional[int]:
+    """The step of ``last.ckpt``: from the name it links to, else (a copy) from its contents; None if unreadable."""
+    if last.is_symlink():
+        match = _STEP_FILE.match(Path(os.readlink(last)).name)
+        if match:
+            return int(match.group(1))
+    states = checkpoint_states_file(last) if last.is_dir() else last
+    try:  # mapped, not read: only the step is wanted
+        return int(torch.load(states, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    except (*CHECKPOINT_READ_ERRORS, KeyError, TypeError, ValueError):  # not resumable either: the step files decide
+        return None
 
 
 def _is_complete(checkpoint: Path) -> bool:

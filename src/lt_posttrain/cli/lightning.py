@@ -2,7 +2,6 @@
 
 import contextlib
 import io
-import pickle
 import sys
 from pathlib import Path
 from typing import Optional
@@ -21,7 +20,7 @@ from lt_posttrain.data.datamodule import InstructDataModule
 from lt_posttrain.errors import UserError
 from lt_posttrain.plugins.short_names import expand_short_names
 from lt_posttrain.trainers.sft import SFTModule
-from lt_posttrain.training.checkpoint_io import CHECKPOINT_READ_ERRORS, checkpoint_read_error
+from lt_posttrain.training.checkpoint_io import CHECKPOINT_READ_ERRORS, checkpoint_read_error, refused_by_weights_only
 from lt_posttrain.training.run_folder import check_writable
 from lt_posttrain.training.strategy import check_strategy, prepare_strategy
 
@@ -74,8 +73,10 @@ class PostTrainCLI(LightningCLI):
                 self._update_model_section(torch.load(read, map_location="cpu", weights_only=True, mmap=True))
             else:
                 super()._parse_ckpt_path()
+        except UserError:
+            raise
         except CHECKPOINT_READ_ERRORS as error:
-            if isinstance(error, pickle.UnpicklingError) and config.get("weights_only") is False:
+            if refused_by_weights_only(error) and config.get("weights_only") is False:
                 return
             raise checkpoint_read_error(read, error) from error
 

@@ -2,7 +2,6 @@
 
 import os
 import pickle
-import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -10,7 +9,8 @@ import torch
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from lt_posttrain.errors import UserError
+from lt_posttrain.errors import UserError, reason_of
+from lt_posttrain.model.export import sync_folder
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -33,10 +33,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 file.flush()
                 os.fsync(file.fileno())
             os.replace(partial, target)
-            _sync_folder(target.parent)
+            sync_folder(target.parent)
         except (OSError, RuntimeError) as error:  # torch reports a failed write as a RuntimeError
             raise UserError(
-                f"cannot write checkpoint {target} ({_reason(error)}); the checkpoints written before it are intact"
+                f"cannot write checkpoint {target} ({reason_of(error)}); the checkpoints written before it are intact"
             ) from error
         finally:
             partial.unlink(missing_ok=True)
@@ -57,42 +57,25 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return checkpoint
 
 
-CHECKPOINT_READ_ERRORS = (pickle.UnpicklingError, OSError, RuntimeError, EOFError)
-"""What ``torch.load`` raises for a file it refuses or cannot read."""
+CHECKPOINT_READ_ERRORS = (Exception,)
+"""What ``torch.load`` raises for a file it refuses or cannot read: bytes that are no checkpoint go through its zip
+reader or its unpickler, which fail in a dozen ways (``UnpicklingError``, ``EOFError``, ``IndexError``,
+``UnicodeDecodeError``, ``struct.error``, ...)."""
 
 
 def checkpoint_read_error(path, error: BaseException) -> UserError:
     """The one line for ``error`` (one of :data:`CHECKPOINT_READ_ERRORS`) raised while reading checkpoint ``path``."""
-    if isinstance(error, pickle.UnpicklingError):
+    if refused_by_weights_only(error):
         return UserError(
-            f"checkpoint {path}: holds objects other than tensors and plain values ({_reason(error)}); if you trust "
+            f"checkpoint {path}: holds objects other than tensors and plain values ({reason_of(error)}); if you trust "
             "the file, add --weights_only false"
         )
-    return UserError(f"checkpoint {path}: cannot be read, truncated or not a checkpoint ({_reason(error)})")
+    # The reason of an unpickler that met bytes no checkpoint holds ("pop from empty list") would only confuse.
+    reason = f" ({reason_of(error)})" if isinstance(error, (OSError, RuntimeError)) else ""
+    return UserError(f"checkpoint {path}: cannot be read, truncated or not a checkpoint{reason}")
 
 
-def _sync_folder(folder: Path) -> None:
-    """Make the rename itself durable (best effort: some file systems cannot open a folder)."""
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
-
-
-def _reason(error: BaseException) -> str:
-    """The first useful line of ``error``: the operating system's reason where there is one (torch wraps a failed
-    write in a ``RuntimeError``), the refused class of a weights-only load."""
-    cause = error.__context__ if isinstance(error.__context__, OSError) else error
-    if isinstance(cause, OSError) and cause.strerror:
-        return cause.strerror
-    text = str(error).strip()
-    refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-    if refused:
-        return f"{refused.group(1)} is not allowed"
-    return text.splitlines()[0].split(". ")[0][:200] if text else type(error).__name__
+def refused_by_weights_only(error: BaseException) -> bool:
+    """Whether ``torch.load`` refused a readable checkpoint for the classes it names (which ``--weights_only false``
+    would load), rather than failing on bytes that are no checkpoint at all (which it reports as the same error)."""
+    return isinstance(error, pickle.UnpicklingError) and "Unsupported global" in str(error)

@@ -150,7 +150,7 @@ def test_an_export_folder_that_cannot_be_written_at_the_end_keeps_the_checkpoint
     folder = tmp_path / "model"
     callback = (f"--trainer.callbacks+={__name__}.ExportFolderTurnsIntoAFile", "--trainer.callbacks.folder", folder)
     result = fit("--training_state.every_n_steps", "1", "--checkpoint.output_dir", folder, *callback)
-    assert_one_line_error(result, "checkpoint.output_dir", "cannot write there (File exists)")
+    assert_one_line_error(result, "checkpoint.output_dir", "exists and is not a folder")
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 2  # the trained state can still be resumed and exported
 

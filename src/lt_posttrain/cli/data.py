@@ -21,7 +21,7 @@ from jsonargparse import ArgumentParser, auto_cli
 from lt_posttrain.batch import IGNORE_INDEX
 from lt_posttrain.cli.parse_errors import ConfigError, config_files, explain_parser_error
 from lt_posttrain.data.datamodule import InstructDataModule
-from lt_posttrain.data.dataset import conversation_samples
+from lt_posttrain.data.dataset import conversation_samples, masking_of
 from lt_posttrain.data.source_types import load_source_type
 from lt_posttrain.data.sources import Source, load_rows
 from lt_posttrain.data.stats import PERCENTILES, sample_stats
@@ -171,7 +171,8 @@ def first_samples(data: InstructDataModule, num: int) -> Iterator[tuple[list[dic
         for index, row in enumerate(load_rows(source)):
             messages = source_format.messages(row, index)
             where = f"data source {source.name_or_path!r}, row {index}"
-            for sample in conversation_samples(messages, render, data.tokenizer, data.max_length, where):
+            samples = conversation_samples(messages, render, data.tokenizer, data.max_length, where, masking_of(source))
+            for sample in samples:
                 if data.overlong == "drop" and sample["truncated"]:
                     continue
                 yield messages, sample

@@ -14,9 +14,19 @@ def _targets(labels: list[int]) -> list[int]:
 
 
 def _weights(samples: list[dict]) -> list[list[float]] | None:
-    if not any("weight" in sample for sample in samples):
+    """Each position's loss weight: the sample's ``weight`` times the ``token_weights`` of the token it predicts
+    (shifted as the targets are)."""
+    if not any("weight" in sample or "token_weights" in sample for sample in samples):
         return None
-    return [[float(sample.get("weight", 1.0))] * len(sample["input_ids"]) for sample in samples]
+    weights = []
+    for sample in samples:
+        weight = float(sample.get("weight", 1.0))
+        per_token = sample.get("token_weights")
+        if per_token is None:
+            weights.append([weight] * len(sample["input_ids"]))
+        else:
+            weights.append([weight * value for value in per_token[1:]] + [0.0])
+    return weights
 
 
 def collate_padded(samples: list[dict], pad_id: int) -> dict:

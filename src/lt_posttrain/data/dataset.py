@@ -13,10 +13,17 @@ from lt_posttrain.data.collate import collate_packed, collate_padded
 from lt_posttrain.data.plan import MicroBatch
 from lt_posttrain.data.source_types import RenderError, load_source_type
 from lt_posttrain.data.sources import Source, load_rows
-from lt_posttrain.data.tokenize import TRAINED_ROLES, count_loss_tokens, render_conversation, tokenize_rendered_batch
+from lt_posttrain.data.tokenize import (
+    TRAINED_ROLES,
+    MaskError,
+    Masking,
+    count_loss_tokens,
+    render_conversation,
+    tokenize_rendered_batch,
+)
 from lt_posttrain.errors import UserError
 
-FORMAT_VERSION = "5"  # bump when tokenization changes, so cached results are not reused
+FORMAT_VERSION = "6"  # bump when tokenization changes, so cached results are not reused
 
 NO_ASSISTANT_TURN = "no assistant turn"
 NO_LOSS_TOKEN = "no answer token within max_length"
@@ -25,21 +32,28 @@ _COLUMNS = ("input_ids", "labels", "truncated", "length", "loss_count")
 _EMPTY = {"input_ids": [], "labels": [], "truncated": 0}  # stands in for a dropped row until it is counted
 
 
-def rendered_parts(messages: list[dict], render, where: str) -> list:
-    """Stage 3a for one conversation: its rendered parts with loss spans (none without an assistant turn).
-    ``where`` names the source and row in errors."""
-    if not any(message["role"] in TRAINED_ROLES for message in messages):
+def masking_of(source: Source) -> Masking:
+    """The tokens ``source`` trains: its ``mask`` and ``train_end_of_turn``."""
+    return Masking(source.mask, source.train_end_of_turn)
+
+
+def rendered_parts(messages: list[dict], render, where: str, masking: Masking = Masking()) -> list:
+    """Stage 3a for one conversation: its rendered parts with loss spans (none without an assistant turn, unless
+    ``masking`` trains every token). ``where`` names the source and row in errors."""
+    if not messages or masking.mask != "all_tokens" and not any(m["role"] in TRAINED_ROLES for m in messages):
         return []
     try:
-        return render_conversation(messages, render)
-    except RenderError as error:
+        return render_conversation(messages, render, masking)
+    except (RenderError, MaskError) as error:
         raise UserError(f"{where}: {error}") from error
 
 
-def conversation_samples(messages: list[dict], render, tokenizer, max_length: int, where: str) -> list[dict]:
+def conversation_samples(
+    messages: list[dict], render, tokenizer, max_length: int, where: str, masking: Masking = Masking()
+) -> list[dict]:
     """Stage 3 for one conversation: its samples that carry loss (none without an assistant turn). ``where`` names
     the source and row in errors."""
-    samples = tokenize_rendered_batch(rendered_parts(messages, render, where), tokenizer, max_length)
+    samples = tokenize_rendered_batch(rendered_parts(messages, render, where, masking), tokenizer, max_length)
     return [sample for sample in samples if count_loss_tokens(sample["labels"])]
 
 
@@ -59,9 +73,12 @@ def tokenize_rows(
     render = source_format.resolved_renderer(tokenizer, chat_template)
     where = f"data source {source.name_or_path!r}"
     weighted = "weight" in rows.column_names
+    masking = masking_of(source)
+    by_token = masking.mask == "field"  # each trained message may weigh its tokens
+    columns = _COLUMNS + (("weight",) if weighted else ()) + (("token_weights",) if by_token else ())
 
     def convert(batch, indices):
-        out = {key: [] for key in _COLUMNS + (("weight",) if weighted else ()) + ("dropped",)}
+        out = {key: [] for key in columns + ("dropped",)}
 
         def add(sample: dict, loss_count: int, weight: float, dropped: str = "") -> None:
             for key in ("input_ids", "labels", "truncated"):
@@ -71,12 +88,14 @@ def tokenize_rows(
             out["dropped"].append(dropped)
             if weighted:
                 out["weight"].append(weight)
+            if by_token:
+                out["token_weights"].append(sample.get("token_weights", []))
 
         conversations, parts = [], []  # render every row of the batch, then tokenize them in one call
         for offset, index in enumerate(indices):
             row = {column: values[offset] for column, values in batch.items()}
             messages = source_format.messages(row, index)
-            rendered = rendered_parts(messages, render, f"{where}, row {index}")
+            rendered = rendered_parts(messages, render, f"{where}, row {index}", masking)
             conversations.append((messages, float(row["weight"]) if weighted else 1.0, len(rendered)))
             parts += rendered
         tokenized = iter(tokenize_rendered_batch(parts, tokenizer, max_length))
@@ -86,7 +105,7 @@ def tokenize_rows(
             for sample in kept:
                 add(sample, count_loss_tokens(sample["labels"]), weight)
             if not kept:
-                has_turn = any(message["role"] in TRAINED_ROLES for message in messages)
+                has_turn = masking.mask == "all_tokens" or any(m["role"] in TRAINED_ROLES for m in messages)
                 reason = LONGER_THAN_MAX if samples else NO_LOSS_TOKEN if has_turn else NO_ASSISTANT_TURN
                 add(_EMPTY, 0, weight, reason)
         return out
@@ -96,7 +115,8 @@ def tokenize_rows(
         f"{FORMAT_VERSION}|{rows._fingerprint}|{tokenizer.name_or_path}|{len(tokenizer)}|{template}|{max_length}|{overlong}|"
         f"{source_format.identity()}"
     )
-    return map_and_drop(rows, convert, _features(weighted), identity, num_proc, f"Tokenizing {source.name_or_path}")
+    features = _features(weighted, by_token)
+    return map_and_drop(rows, convert, features, identity, num_proc, f"Tokenizing {source.name_or_path}")
 
 
 def map_and_drop(rows, convert, features, identity: str, num_proc: Optional[int], desc: str):
@@ -122,13 +142,15 @@ def map_and_drop(rows, convert, features, identity: str, num_proc: Optional[int]
     return converted.remove_columns("dropped"), dict(dropped)
 
 
-def _features(weighted: bool):
+def _features(weighted: bool, by_token: bool = False):
     import datasets
 
     ids, number = datasets.Sequence(datasets.Value("int64")), datasets.Value("int64")
     features = {"input_ids": ids, "labels": ids, "truncated": number, "length": number, "loss_count": number}
     if weighted:
         features["weight"] = datasets.Value("float64")
+    if by_token:
+        features["token_weights"] = datasets.Sequence(datasets.Value("float32"))
     return datasets.Features({**features, "dropped": datasets.Value("string")})
 
 
@@ -156,7 +178,21 @@ def load_samples(
         parts = [
             part if "weight" in part.column_names else part.add_column("weight", [1.0] * len(part)) for part in parts
         ]
+    if any("token_weights" in part.column_names for part in parts):  # and so does each of their tokens
+        parts = [part if "token_weights" in part.column_names else _with_unit_token_weights(part) for part in parts]
     return (parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)), dict(dropped)
+
+
+def _with_unit_token_weights(samples):
+    import datasets
+
+    features = datasets.Features({**samples.features, "token_weights": datasets.Sequence(datasets.Value("float32"))})
+    return samples.map(
+        lambda batch: {"token_weights": [[1.0] * length for length in batch["length"]]},
+        batched=True,
+        features=features,
+        desc="Token weights",
+    )
 
 
 def describe_dropped(dropped: dict) -> str:
@@ -177,7 +213,7 @@ class MicroBatchDataset(Dataset):
     def __getitem__(self, micro_batch: MicroBatch) -> dict:
         indices = [index for row in micro_batch.rows for index in row]
         samples = self.samples[indices] if indices else {"input_ids": [], "labels": []}
-        columns = [column for column in ("input_ids", "labels", "weight") if column in samples]
+        columns = [column for column in ("input_ids", "labels", "weight", "token_weights") if column in samples]
         rows = [dict(zip(columns, values)) for values in zip(*(samples[column] for column in columns))]
         batch = collate_packed(rows) if self.packing else collate_padded(rows, self.pad_id)
         batch["loss_count"] = torch.tensor(micro_batch.loss_count)

@@ -6,7 +6,7 @@ import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Optional, Union
+from typing import Literal, Optional, Union
 
 from lt_posttrain.errors import UserError
 
@@ -29,7 +29,8 @@ class Source:
         seed: seed of that shuffle.
         type: how a row becomes a conversation: ``messages`` (a column of ``{role, content}`` turns),
             ``huggingface_instruct`` (columns mapped to roles with ``role_mapping``), ``prompt_generation``
-            (``{"prompt", "generation"}`` rows, rendered as plain text), ``ragfit`` (RAG-FiT's query/answer rows), the
+            (``{"prompt", "generation"}`` rows, rendered as plain text), ``ragfit`` (RAG-FiT's query/answer rows),
+            ``text`` (plain text rows, every token trained: continued pre-training), the
             name of a plugin registered under the ``lt_posttrain.source_types`` entry-point group, or a dotted import
             path ``my_package.source_types.MySourceType``.
         weight: this source's share of the training mix. When any training source has a weight, each epoch draws
@@ -42,7 +43,8 @@ class Source:
             Omitted: the known mapping of a well-known hub data set, else ``{user: user, assistant: assistant}``.
         content_key: the field holding a turn's text in a list of turns (``value`` in ShareGPT).
         role_key: ``messages``: the field holding a turn's role.
-        input_key: ``prompt_generation``/``ragfit``: the column of the prompt (default ``prompt``).
+        input_key: ``prompt_generation``/``ragfit``: the column of the prompt (default ``prompt``); ``text``: the
+            column of the text (default ``text``).
         output_key: ``prompt_generation``/``ragfit``: the column of the answer (default ``generation`` for
             ``prompt_generation``; required for ``ragfit``; a list column gives its first item).
         instruction: ``ragfit``: a text file whose content is the system prompt.
@@ -52,6 +54,13 @@ class Source:
             instead of the chat template (for tokenizers without one); the text before ``{output}`` is the prompt.
         completion_start: ``ragfit``: text that the rendered prompt ends with, such as ``<|assistant|>``; loss starts
             right after its last occurrence before the answer.
+        mask: which tokens carry loss: ``all_assistant`` (every assistant turn, the default), ``last_assistant``
+            (the last assistant turn only; the earlier ones are context), ``all_tokens`` (every token of the
+            rendered conversation, for continued pre-training on chats; plain text rows: ``type: text``), or
+            ``field`` (per message: an assistant turn is trained unless its ``train`` field is false, its tokens
+            weighted by its ``weight`` field, default 1; a weight scales the loss, never the normaliser).
+        train_end_of_turn: train the text the template puts after an assistant turn's content (its end-of-turn
+            token, such as ``<|im_end|>``); ``false`` trains the content only, and the model never learns to stop.
         options: settings of a plugin type, passed to it as they are.
     """
 
@@ -73,6 +82,8 @@ class Source:
     instruction_in_prompt: bool = False
     template: Optional[str] = None
     completion_start: Optional[str] = None
+    mask: Literal["all_assistant", "last_assistant", "all_tokens", "field"] = "all_assistant"
+    train_end_of_turn: bool = True
     options: dict = field(default_factory=dict)
 
 

@@ -30,6 +30,27 @@ class RenderedConversation:
 
     text: str
     spans: list[tuple[int, int]] = field(default_factory=list)
+    weights: list[float] | None = None  # one per span (a message's ``weight``); ``None``: all 1
+
+
+class MaskError(ValueError):
+    """A message's ``train`` or ``weight`` cannot pick its mask; the caller names the source and the row."""
+
+
+@dataclass(frozen=True)
+class Masking:
+    """Which tokens of a conversation carry loss (a source's ``mask`` and ``train_end_of_turn``).
+
+    Args:
+        mask: ``all_assistant`` (every assistant turn), ``last_assistant`` (the last one only), ``all_tokens``
+            (the whole rendered conversation, as continued pre-training), or ``field`` (the assistant turns whose
+            message has ``train`` true or missing, each weighted by the message's ``weight``, default 1).
+        train_end_of_turn: train the text the template puts after an assistant turn's content (its end-of-turn
+            token); ``False`` trains the content only.
+    """
+
+    mask: str = "all_assistant"
+    train_end_of_turn: bool = True
 
 
 def _common_prefix_length(a: str, b: str) -> int:
@@ -134,7 +155,7 @@ class _NeedsTurnByTurn(Exception):
     """The one-pass renderings cannot answer (a leading assistant turn, or a turn that rewrote earlier ones)."""
 
 
-def render_conversation(messages: list[dict], render) -> list[RenderedConversation]:
+def render_conversation(messages: list[dict], render, masking: Masking = Masking()) -> list[RenderedConversation]:
     """Render ``messages`` with ``render(messages, add_generation_prompt) -> str`` and mark the assistant spans.
 
     An assistant turn's span starts after the generation prompt (its header is not trained) and ends after its
@@ -144,16 +165,20 @@ def render_conversation(messages: list[dict], render) -> list[RenderedConversati
     conversation (Phi-3's end-of-sequence token) is no rewrite: it is trained after the last turn only.
 
     A long conversation is rendered in one pass (:func:`render_in_one_pass`) where the template allows it, else
-    turn by turn (:func:`render_turn_by_turn`); both give the same spans.
+    turn by turn (:func:`render_turn_by_turn`); both give the same spans. ``masking`` picks the spans (see
+    :class:`Masking`); ``all_tokens`` trains the whole rendering of the conversation.
     """
+    if masking.mask == "all_tokens":
+        text = render(messages, False)
+        return [RenderedConversation(text, [(0, len(text))])] if text else []
     if len(messages) >= ONE_PASS_FROM:
-        rendered = render_in_one_pass(messages, render)
+        rendered = render_in_one_pass(messages, render, masking)
         if rendered is not None:
             return rendered
-    return render_turn_by_turn(messages, render)
+    return render_turn_by_turn(messages, render, masking)
 
 
-def render_turn_by_turn(messages: list[dict], render) -> list[RenderedConversation]:
+def render_turn_by_turn(messages: list[dict], render, masking: Masking = Masking()) -> list[RenderedConversation]:
     """:func:`render_conversation` from the renderings of every prefix of the conversation (``messages[:i + 1]``,
     and ``messages[:i]`` with the generation prompt before each assistant turn): the definition of the spans, and
     quadratic in the number of turns."""
@@ -167,12 +192,23 @@ def render_turn_by_turn(messages: list[dict], render) -> list[RenderedConversati
             return 0
         return turn_start - _generated_before_content(text, turn_start, message, render)
 
+    def content_end(i: int, full: _Text) -> int:
+        # two renderings with a character after this turn's content show where the content ends
+        message, text = messages[i], full.ending
+        probes = [render(messages[:i] + [{**message, "content": message["content"] + end}], False) for end in "\0\1"]
+        end = _common_prefix_length(*probes)
+        return end if text[:end] == probes[0][:end] else len(text)
+
     fulls = (_Text("", 0, render(messages[: i + 1], False)) for i in range(len(messages)))
     prompts = lambda i: _Text("", 0, render(messages[:i], True)) if i else _EMPTY  # noqa: E731
-    return [RenderedConversation(text.ending, spans) for text, spans in _mark_turns(messages, fulls, prompts, probed_start)]
+    marked = _mark_turns(messages, fulls, prompts, probed_start, None if masking.train_end_of_turn else content_end)
+    samples = [RenderedConversation(text.ending, *_selected(spans, messages, masking)) for text, spans in marked]
+    return [sample for sample in samples if sample.spans]
 
 
-def render_in_one_pass(messages: list[dict], render) -> list[RenderedConversation] | None:
+def render_in_one_pass(
+    messages: list[dict], render, masking: Masking = Masking()
+) -> list[RenderedConversation] | None:
     """:func:`render_conversation` at a cost linear in the conversation's length, or ``None`` where the template
     does not allow it (the caller then renders turn by turn).
 
@@ -231,7 +267,12 @@ def render_in_one_pass(messages: list[dict], render) -> list[RenderedConversatio
         def probed_start(i: int, full: _Text) -> int:
             raise _NeedsTurnByTurn
 
-        marked = _mark_turns(messages, fulls, prompts.__getitem__, probed_start)
+        def content_end(i: int, full: _Text) -> int:
+            return starts[i] + len(_marker(i))
+
+        marked = _mark_turns(
+            messages, fulls, prompts.__getitem__, probed_start, None if masking.train_end_of_turn else content_end
+        )
     except (_NeedsTurnByTurn, TemplateError, ValueError):
         return None
     shifts = list(accumulate(len(content) - len(_marker(i)) for i, content in enumerate(contents)))
@@ -251,17 +292,21 @@ def render_in_one_pass(messages: list[dict], render) -> list[RenderedConversatio
             def moved(position: int) -> int:
                 return real(position) if position <= text.cut else cut + position - text.cut
 
-            samples.append(RenderedConversation(whole[:cut] + text.ending, [(moved(a), moved(b)) for a, b in spans]))
+            spans, weights = _selected(spans, messages, masking)
+            moved_spans = [(moved(a), moved(b)) for a, b in spans]
+            if moved_spans:
+                samples.append(RenderedConversation(whole[:cut] + text.ending, moved_spans, weights))
     except _NeedsTurnByTurn:
         return None
     return samples
 
 
-def _mark_turns(messages: list[dict], fulls, prompt_of, probed_start) -> list[tuple[_Text, list]]:
-    """The samples of a conversation, as ``(text, spans)``, from the renderings of its prefixes: ``fulls`` yields
-    the rendering of ``messages[:i + 1]`` for each ``i``, ``prompt_of(i)`` is that of ``messages[:i]`` with the
-    generation prompt, and ``probed_start(i, full)`` where turn ``i``'s trained text starts when its rendering
-    does not follow the earlier ones."""
+def _mark_turns(messages: list[dict], fulls, prompt_of, probed_start, content_end=None) -> list[tuple[_Text, list]]:
+    """The samples of a conversation, as ``(text, spans)`` with spans ``(start, end, turn index)``, from the
+    renderings of its prefixes: ``fulls`` yields the rendering of ``messages[:i + 1]`` for each ``i``,
+    ``prompt_of(i)`` is that of ``messages[:i]`` with the generation prompt, ``probed_start(i, full)`` where turn
+    ``i``'s trained text starts when its rendering does not follow the earlier ones, and ``content_end(i, full)``
+    (given when the end-of-turn text is not trained) where its content ends."""
     samples: list[tuple[_Text, list]] = []
     current: _Text | None = None
     spans: list[tuple[int, int]] = []
@@ -273,7 +318,7 @@ def _mark_turns(messages: list[dict], fulls, prompt_of, probed_start) -> list[tu
                 samples.append((current, spans))  # the template rewrote what this sample has already trained
                 current, spans = None, []
             else:  # the earlier rendering's ending was the conversation's end, not part of its last turn
-                spans = [(start, min(end, kept)) for start, end in spans]
+                spans = [(start, min(end, kept), turn) for start, end, turn in spans]
         if message["role"] in TRAINED_ROLES:
             prompt = prompt_of(i)
             start = max(prompt.common_prefix_length(full), previous.common_prefix_length(full))
@@ -282,13 +327,35 @@ def _mark_turns(messages: list[dict], fulls, prompt_of, probed_start) -> list[tu
                 # default system prompt), or this turn made the template rewrite earlier turns.
                 start = max(start, probed_start(i, full))
             end = full.stripped_length()
+            if content_end is not None:
+                end = min(end, content_end(i, full))
             current = full
             if end > start:
-                spans.append((start, end))
+                spans.append((start, end, i))
         previous = full
     if current is not None:
         samples.append((current, spans))
     return [(text, spans) for text, spans in samples if spans]
+
+
+def _selected(spans: list, messages: list[dict], masking: Masking) -> tuple[list, list | None]:
+    """The spans ``(start, end, turn)`` of one sample that ``masking`` trains, as ``(spans, weights)``."""
+    if masking.mask == "last_assistant":
+        last = max(i for i, message in enumerate(messages) if message["role"] in TRAINED_ROLES)
+        return [(start, end) for start, end, turn in spans if turn == last], None
+    if masking.mask != "field":
+        return [(start, end) for start, end, _turn in spans], None
+    kept, weights = [], []
+    for start, end, turn in spans:
+        train, weight = messages[turn].get("train", True), messages[turn].get("weight", 1.0)
+        if not isinstance(train, bool):
+            raise MaskError(f"message {turn}: 'train' must be true or false, got {train!r:.40}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+            raise MaskError(f"message {turn}: 'weight' must be a number of 0 or more, got {weight!r:.40}")
+        if train and weight > 0:
+            kept.append((start, end))
+            weights.append(float(weight))
+    return kept, weights
 
 
 def _continued_length(text: _Text, spans: list, full: _Text) -> int | None:
@@ -346,21 +413,27 @@ def tokenize_rendered_batch(rendered: list[RenderedConversation], tokenizer, max
     else:
         encodings = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
         pairs = zip(encodings["input_ids"], encodings["offset_mapping"])
-    return [_labelled(ids, offsets, part.spans, max_length) for part, (ids, offsets) in zip(rendered, pairs)]
+    return [_labelled(ids, offsets, part, max_length) for part, (ids, offsets) in zip(rendered, pairs)]
 
 
-def _labelled(input_ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]], max_length: int):
+def _labelled(input_ids: list[int], offsets: list[tuple[int, int]], rendered: RenderedConversation, max_length: int):
     input_ids = list(input_ids)
     labels = [IGNORE_INDEX] * len(input_ids)
+    weights = None if rendered.weights is None else [0.0] * len(input_ids)
     starts = [start for start, _end in offsets]  # non-decreasing: tokens come in text order
-    for span_start, span_end in spans:
+    for number, (span_start, span_end) in enumerate(rendered.spans):
         first, last = bisect_left(starts, span_start), bisect_left(starts, span_end)
         labels[first:last] = input_ids[first:last]
+        if weights is not None:
+            weights[first:last] = [rendered.weights[number]] * (last - first)
     truncated = max(0, len(input_ids) - max_length)
     input_ids, labels = input_ids[:max_length], labels[:max_length]
     if labels:
         labels[0] = IGNORE_INDEX
-    return {"input_ids": input_ids, "labels": labels, "truncated": truncated}
+    sample = {"input_ids": input_ids, "labels": labels, "truncated": truncated}
+    if weights is not None:
+        sample["token_weights"] = weights[:max_length]
+    return sample
 
 
 def template_renderer(tokenizer, chat_template: str | None = None, **template_kwargs):
@@ -378,10 +451,13 @@ def template_renderer(tokenizer, chat_template: str | None = None, **template_kw
     return render
 
 
-def tokenize_conversation(messages: list[dict], tokenizer, max_length: int, chat_template: str | None = None) -> list[dict]:
-    """Stage 3 in one call: ``messages`` to a list of samples (usually one), each with ``input_ids`` and ``labels``."""
+def tokenize_conversation(
+    messages: list[dict], tokenizer, max_length: int, chat_template: str | None = None, masking: Masking = Masking()
+) -> list[dict]:
+    """Stage 3 in one call: ``messages`` to a list of samples (usually one), each with ``input_ids`` and ``labels``
+    (and ``token_weights``, the loss weight of each token, with ``masking.mask == "field"``)."""
     render = template_renderer(tokenizer, chat_template)
-    return tokenize_rendered_batch(render_conversation(messages, render), tokenizer, max_length)
+    return tokenize_rendered_batch(render_conversation(messages, render, masking), tokenizer, max_length)
 
 
 def count_loss_tokens(labels: list[int]) -> int:

@@ -12,7 +12,10 @@ Render = Callable[[list[dict], bool], str]
 """``render(messages, add_generation_prompt) -> str``, the contract of ``tokenize.template_renderer``."""
 
 # Fields every type understands; the others belong to one type or another (see ``SourceType.reads``).
-COMMON_FIELDS = frozenset({"name_or_path", "split", "subset", "sample_count", "shuffle", "seed", "type", "weight", "options"})
+COMMON_FIELDS = frozenset(
+    {"name_or_path", "split", "subset", "sample_count", "shuffle", "seed", "type", "weight", "options", "mask",
+     "train_end_of_turn"}
+)  # fmt: skip
 
 
 class RenderError(ValueError):

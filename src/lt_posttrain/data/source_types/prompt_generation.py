@@ -33,12 +33,18 @@ class PromptGenerationSourceType(SourceType):
         ]
 
     def renderer(self, tokenizer, chat_template: Optional[str]) -> Render:
-        if tokenizer.eos_token is None:
-            raise UserError(
-                f"data source {self.source.name_or_path!r} (type prompt_generation): the tokenizer has no "
-                "end-of-sequence token to end each generation with: use a tokenizer that has one"
-            )
-        return concatenation_renderer(tokenizer.eos_token)
+        return concatenation_renderer(end_of_sequence(self.source, tokenizer, "prompt_generation"))
+
+
+def end_of_sequence(source, tokenizer, type_name: str) -> str:
+    """The tokenizer's end-of-sequence token, which ends every trained text of a type without a chat template; the
+    user's error when there is none."""
+    if tokenizer.eos_token is None:
+        raise UserError(
+            f"data source {source.name_or_path!r} (type {type_name}): the tokenizer has no end-of-sequence token to "
+            "end each text with: use a tokenizer that has one"
+        )
+    return tokenizer.eos_token
 
 
 def concatenation_renderer(eos_token: str) -> Render:

@@ -169,9 +169,10 @@ def first_samples(data: InstructDataModule, num: int) -> Iterator[tuple[list[dic
         source_format = load_source_type(source)
         render = source_format.resolved_renderer(data.tokenizer, data.chat_template)
         for index, row in enumerate(load_rows(source)):
-            messages = source_format.messages(row, index)
+            messages, tools = source_format.messages(row, index), source_format.tools(row, index)
             where = f"data source {source.name_or_path!r}, row {index}"
-            samples = conversation_samples(messages, render, data.tokenizer, data.max_length, where, masking_of(source))
+            masking = masking_of(source)
+            samples = conversation_samples(messages, render, data.tokenizer, data.max_length, where, masking, tools)
             for sample in samples:
                 if data.overlong == "drop" and sample["truncated"]:
                     continue

@@ -190,8 +190,10 @@ class InstructDataModule(L.LightningDataModule):
         for source in self.test_sources or self.val_sources or self.sources:
             source_format = load_source_type(source)
             render = source_format.resolved_renderer(self.tokenizer, self.chat_template)
-            conversations = (source_format.messages(row, index) for index, row in enumerate(load_rows(source)))
-            prompts += [prompt_of(messages, self.tokenizer, render=render) for messages in conversations if messages]
+            for index, row in enumerate(load_rows(source)):
+                messages, tools = source_format.messages(row, index), source_format.tools(row, index)
+                if messages:
+                    prompts.append(prompt_of(messages, self.tokenizer, render=render, tools=tools))
         collate = partial(collate_prompts, pad_id=self.tokenizer.pad_token_id)
         return DataLoader(prompts, batch_size=self.batch_size, collate_fn=collate, num_workers=self.num_workers)
 

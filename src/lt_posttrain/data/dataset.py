@@ -6,7 +6,7 @@ from itertools import islice
 from typing import Optional
 
 import torch
-
+from jinja2.exceptions import TemplateError
 from torch.utils.data import Dataset
 
 from lt_posttrain.data.collate import collate_packed, collate_padded
@@ -23,7 +23,7 @@ from lt_posttrain.data.tokenize import (
 )
 from lt_posttrain.errors import UserError
 
-FORMAT_VERSION = "6"  # bump when tokenization changes, so cached results are not reused
+FORMAT_VERSION = "7"  # bump when tokenization changes, so cached results are not reused
 
 NO_ASSISTANT_TURN = "no assistant turn"
 NO_LOSS_TOKEN = "no answer token within max_length"
@@ -33,35 +33,51 @@ _EMPTY = {"input_ids": [], "labels": [], "truncated": 0}  # stands in for a drop
 
 
 def masking_of(source: Source) -> Masking:
-    """The tokens ``source`` trains: its ``mask`` and ``train_end_of_turn``."""
-    return Masking(source.mask, source.train_end_of_turn)
+    """The tokens ``source`` trains: its ``mask``, ``train_end_of_turn`` and ``train_reasoning``."""
+    if source.mask == "all_tokens" and not source.train_reasoning:
+        raise UserError(
+            f"data source {source.name_or_path!r}: mask all_tokens trains every token, the reasoning too: remove "
+            "train_reasoning: false, or use mask all_assistant"
+        )
+    return Masking(source.mask, source.train_end_of_turn, source.train_reasoning)
 
 
-def rendered_parts(messages: list[dict], render, where: str, masking: Masking = Masking()) -> list:
-    """Stage 3a for one conversation: its rendered parts with loss spans (none without an assistant turn, unless
-    ``masking`` trains every token). ``where`` names the source and row in errors."""
+def rendered_parts(
+    messages: list[dict], render, where: str, masking: Masking = Masking(), tools: list[dict] | None = None
+) -> list:
+    """Stage 3a for one conversation (which may call ``tools``): its rendered parts with loss spans (none without
+    an assistant turn, unless ``masking`` trains every token). ``where`` names the source and row in errors."""
     if not messages or masking.mask != "all_tokens" and not any(m["role"] in TRAINED_ROLES for m in messages):
         return []
     try:
-        return render_conversation(messages, render, masking)
+        return render_conversation(messages, render, masking, tools)
     except (RenderError, MaskError) as error:
         raise UserError(f"{where}: {error}") from error
+    except TemplateError as error:  # raise_exception() of the template: roles out of order, two calls at once, ...
+        raise UserError(f"{where}: the chat template cannot render this conversation: {error}") from error
 
 
 def conversation_samples(
-    messages: list[dict], render, tokenizer, max_length: int, where: str, masking: Masking = Masking()
+    messages: list[dict],
+    render,
+    tokenizer,
+    max_length: int,
+    where: str,
+    masking: Masking = Masking(),
+    tools: list[dict] | None = None,
 ) -> list[dict]:
-    """Stage 3 for one conversation: its samples that carry loss (none without an assistant turn). ``where`` names
-    the source and row in errors."""
-    samples = tokenize_rendered_batch(rendered_parts(messages, render, where, masking), tokenizer, max_length)
+    """Stage 3 for one conversation (which may call ``tools``): its samples that carry loss (none without an
+    assistant turn). ``where`` names the source and row in errors."""
+    parts = rendered_parts(messages, render, where, masking, tools)
+    samples = tokenize_rendered_batch(parts, tokenizer, max_length)
     return [sample for sample in samples if count_loss_tokens(sample["labels"])]
 
 
 def tokenize_rows(
     rows, source: Source, tokenizer, max_length: int, chat_template: str | None, overlong="truncate", num_proc=None
 ):
-    """Stages 2 and 3 over a table of rows: each row becomes a conversation with the source type its ``type`` names
-    and is rendered with the source type's renderer, else the chat template.
+    """Stages 2 and 3 over a table of rows: each row becomes a conversation (and the tools it may call) with the
+    source type its ``type`` names and is rendered with the source type's renderer, else the chat template.
 
     Returns ``(samples, dropped)``: ``samples`` a ``datasets.Dataset`` of ``input_ids``, ``labels``, ``truncated``,
     ``length``, ``loss_count`` (and ``weight`` when the rows have a ``weight`` column: it scales the sample's token
@@ -94,8 +110,8 @@ def tokenize_rows(
         conversations, parts = [], []  # render every row of the batch, then tokenize them in one call
         for offset, index in enumerate(indices):
             row = {column: values[offset] for column, values in batch.items()}
-            messages = source_format.messages(row, index)
-            rendered = rendered_parts(messages, render, f"{where}, row {index}", masking)
+            messages, tools = source_format.messages(row, index), source_format.tools(row, index)
+            rendered = rendered_parts(messages, render, f"{where}, row {index}", masking, tools)
             conversations.append((messages, float(row["weight"]) if weighted else 1.0, len(rendered)))
             parts += rendered
         tokenized = iter(tokenize_rendered_batch(parts, tokenizer, max_length))

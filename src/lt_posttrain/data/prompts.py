@@ -5,12 +5,16 @@ import torch
 from lt_posttrain.data.tokenize import TRAINED_ROLES, template_renderer
 
 
-def prompt_of(messages: list[dict], tokenizer, chat_template: str | None = None, render=None) -> dict:
+def prompt_of(
+    messages: list[dict], tokenizer, chat_template: str | None = None, render=None, tools: list[dict] | None = None
+) -> dict:
     """The conversation before its last assistant turn, rendered with the generation prompt (by ``render``, else the
-    chat template), as ``input_ids``; the held-back assistant text is the ``reference``."""
+    chat template; with the ``tools`` the conversation may call), as ``input_ids``; the held-back assistant text is
+    the ``reference``."""
     last = max((i for i, message in enumerate(messages) if message["role"] in TRAINED_ROLES), default=len(messages))
-    text = (render or template_renderer(tokenizer, chat_template))(messages[:last], True)
-    reference = messages[last]["content"] if last < len(messages) else ""
+    render = render or template_renderer(tokenizer, chat_template)
+    text = render(messages[:last], True, tools=tools) if tools else render(messages[:last], True)
+    reference = messages[last].get("content") or "" if last < len(messages) else ""
     return {"input_ids": tokenizer(text, add_special_tokens=False)["input_ids"], "prompt": text, "reference": reference}
 
 

@@ -27,7 +27,8 @@ class Source:
         sample_count: keep only the first N rows (after shuffling, if ``shuffle``).
         shuffle: shuffle the rows (with ``seed``) before ``sample_count`` is applied.
         seed: seed of that shuffle.
-        type: how a row becomes a conversation: ``messages`` (a column of ``{role, content}`` turns),
+        type: how a row becomes a conversation: ``messages`` (a column of ``{role, content}`` turns, with
+            OpenAI-style ``tool_calls`` and ``tool`` turns),
             ``huggingface_instruct`` (columns mapped to roles with ``role_mapping``), ``prompt_generation``
             (``{"prompt", "generation"}`` rows, rendered as plain text), ``ragfit`` (RAG-FiT's query/answer rows),
             ``text`` (plain text rows, every token trained: continued pre-training), the
@@ -41,6 +42,9 @@ class Source:
             answer}`` (a string column per role) or ``{user: conversations.from.human, assistant:
             conversations.from.gpt}`` (the turns of a list column whose ``from`` field is ``human`` or ``gpt``).
             Omitted: the known mapping of a well-known hub data set, else ``{user: user, assistant: assistant}``.
+            Besides roles (``tool`` for tool results), two parts of an assistant turn: ``tool_calls`` (text that is
+            the JSON of one call ``{name, arguments}`` or a list of them, e.g. ``answers`` of xLAM) and
+            ``reasoning`` (a string column of the answer's reasoning).
         content_key: the field holding a turn's text in a list of turns (``value`` in ShareGPT).
         role_key: ``messages``: the field holding a turn's role.
         input_key: ``prompt_generation``/``ragfit``: the column of the prompt (default ``prompt``); ``text``: the
@@ -60,7 +64,14 @@ class Source:
             ``field`` (per message: an assistant turn is trained unless its ``train`` field is false, its tokens
             weighted by its ``weight`` field, default 1; a weight scales the loss, never the normaliser).
         train_end_of_turn: train the text the template puts after an assistant turn's content (its end-of-turn
-            token, such as ``<|im_end|>``); ``false`` trains the content only, and the model never learns to stop.
+            token, such as ``<|im_end|>``); ``false`` trains the content only (and a turn's tool calls), and the
+            model never learns to stop.
+        train_reasoning: train the reasoning of assistant turns (a message's ``reasoning_content`` or ``thinking``
+            field, rendered where the chat template renders it); ``false`` leaves the reasoning untrained (context
+            only) while the rest of the turn, its answer and tool calls, stays trained.
+        tools_column: ``messages``/``huggingface_instruct``: the column holding the tools (JSON schemas, a list or
+            its JSON text) a row's conversation may call; they are given to the chat template as ``tools``. A row
+            without the column, or with null, has none.
         options: settings of a plugin type, passed to it as they are.
     """
 
@@ -84,6 +95,8 @@ class Source:
     completion_start: Optional[str] = None
     mask: Literal["all_assistant", "last_assistant", "all_tokens", "field"] = "all_assistant"
     train_end_of_turn: bool = True
+    train_reasoning: bool = True
+    tools_column: str = "tools"
     options: dict = field(default_factory=dict)
 
 

@@ -7,9 +7,16 @@ or an assistant turn. A template that rewrites earlier turns when more follow (s
 rewrite happens, and every assistant turn is trained once, in the context the template gives it at inference.
 Text a template adds only at the end of a conversation (Phi-3's end-of-sequence token) is no rewrite: such a
 conversation stays whole, and that text is trained after its last turn only.
+
+Tool calls are part of the assistant turn that makes them, so they are trained like its text; tool results (``tool``
+turns) never are. A turn's reasoning (``reasoning_content`` or ``thinking``) is rendered where the template renders
+it, and trained unless the source says otherwise (``train_reasoning``): then the characters of the reasoning are
+left out of the turn's span, and the rest of the turn stays trained.
 """
 
+import functools
 import os
+import re
 from itertools import accumulate
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
@@ -22,6 +29,8 @@ TRAINED_ROLES = frozenset({"assistant"})
 ONE_PASS_FROM = 6  # messages: shorter conversations render turn by turn as fast
 _TURN_ROLES = frozenset({"user", "tool", *TRAINED_ROLES})  # the roles after a conversation's leading system turns
 _MARK, _MARK_END = "\ue000", "\ue001"  # private-use characters around a placeholder's number
+_MARKERS = re.compile(f"{_MARK}(\\d+){_MARK_END}")
+REASONING_KEYS = ("reasoning_content", "thinking")  # the fields a message may hold its reasoning in
 
 
 @dataclass
@@ -37,6 +46,10 @@ class MaskError(ValueError):
     """A message's ``train`` or ``weight`` cannot pick its mask; the caller names the source and the row."""
 
 
+class RenderError(ValueError):
+    """A renderer cannot render a conversation; the caller names the source and the row in the user's message."""
+
+
 @dataclass(frozen=True)
 class Masking:
     """Which tokens of a conversation carry loss (a source's ``mask`` and ``train_end_of_turn``).
@@ -46,11 +59,14 @@ class Masking:
             (the whole rendered conversation, as continued pre-training), or ``field`` (the assistant turns whose
             message has ``train`` true or missing, each weighted by the message's ``weight``, default 1).
         train_end_of_turn: train the text the template puts after an assistant turn's content (its end-of-turn
-            token); ``False`` trains the content only.
+            token); ``False`` trains the content only (and, in a turn with tool calls, the calls).
+        train_reasoning: train the reasoning of an assistant turn (its ``reasoning_content`` or ``thinking`` as the
+            template renders it); ``False`` leaves those characters untrained, the rest of the turn trained.
     """
 
     mask: str = "all_assistant"
     train_end_of_turn: bool = True
+    train_reasoning: bool = True
 
 
 def _common_prefix_length(a: str, b: str) -> int:
@@ -126,36 +142,48 @@ class _Text:
 _EMPTY = _Text("", 0, "")
 
 
-def _marker(index: int) -> str:
-    return f"{_MARK}{index}{_MARK_END}"
+def _marker(number: int) -> str:
+    return f"{_MARK}{number}{_MARK_END}"
 
 
-def _marker_starts(text: str, indices) -> list[int] | None:
-    """Where the placeholders of ``indices`` start in ``text``: each exactly once, in order, and no other."""
-    starts, at = [], 0
-    for index in indices:
-        found = text.find(_marker(index), at)
-        if found < 0:
+def _marker_positions(text: str, numbers) -> dict[int, int] | None:
+    """Where each placeholder of ``numbers`` starts in ``text``: each exactly once, and no other."""
+    found: dict[int, int] = {}
+    for match in _MARKERS.finditer(text):
+        number = int(match.group(1))
+        if number in found:
             return None
-        starts.append(found)
-        at = found + len(_marker(index))
-    return starts if text.count(_MARK) == len(starts) else None
+        found[number] = match.start()
+    if text.count(_MARK) != len(found) or found.keys() != set(numbers):
+        return None
+    return found
 
 
-def _put_back(text: str, starts: list[int], contents: list[str]) -> str:
-    """``text`` with the placeholder at each of ``starts`` replaced by its content."""
+def _put_back(text: str, placed: list[tuple[int, int]], values: list[str]) -> str:
+    """``text`` with each placeholder ``(start, number)`` of ``placed`` (in text order) replaced by its value."""
     pieces, at = [], 0
-    for index, (start, content) in enumerate(zip(starts, contents)):
-        pieces += [text[at:start], content]
-        at = start + len(_marker(index))
+    for start, number in placed:
+        pieces += [text[at:start], values[number]]
+        at = start + len(_marker(number))
     return "".join(pieces) + text[at:]
+
+
+def reasoning_of(message: dict) -> tuple[str, str] | None:
+    """``(field, text)`` of a message's reasoning (``reasoning_content`` or ``thinking``), or ``None`` for none."""
+    for key in REASONING_KEYS:
+        value = message.get(key)
+        if isinstance(value, str) and value:
+            return key, value
+    return None
 
 
 class _NeedsTurnByTurn(Exception):
     """The one-pass renderings cannot answer (a leading assistant turn, or a turn that rewrote earlier ones)."""
 
 
-def render_conversation(messages: list[dict], render, masking: Masking = Masking()) -> list[RenderedConversation]:
+def render_conversation(
+    messages: list[dict], render, masking: Masking = Masking(), tools: list[dict] | None = None
+) -> list[RenderedConversation]:
     """Render ``messages`` with ``render(messages, add_generation_prompt) -> str`` and mark the assistant spans.
 
     An assistant turn's span starts after the generation prompt (its header is not trained) and ends after its
@@ -166,8 +194,11 @@ def render_conversation(messages: list[dict], render, masking: Masking = Masking
 
     A long conversation is rendered in one pass (:func:`render_in_one_pass`) where the template allows it, else
     turn by turn (:func:`render_turn_by_turn`); both give the same spans. ``masking`` picks the spans (see
-    :class:`Masking`); ``all_tokens`` trains the whole rendering of the conversation.
+    :class:`Masking`); ``all_tokens`` trains the whole rendering of the conversation. ``tools`` (the tools the
+    conversation may call, as JSON schemas) are given to every rendering as ``render(..., tools=tools)``.
     """
+    if tools:
+        render = functools.partial(render, tools=tools)
     if masking.mask == "all_tokens":
         text = render(messages, False)
         return [RenderedConversation(text, [(0, len(text))])] if text else []
@@ -192,18 +223,102 @@ def render_turn_by_turn(messages: list[dict], render, masking: Masking = Masking
             return 0
         return turn_start - _generated_before_content(text, turn_start, message, render)
 
+    end_of_turn = functools.cache(lambda: _end_of_turn_text(render))
+
     def content_end(i: int, full: _Text) -> int:
-        # two renderings with a character after this turn's content show where the content ends
         message, text = messages[i], full.ending
-        probes = [render(messages[:i] + [{**message, "content": message["content"] + end}], False) for end in "\0\1"]
+        if message.get("tool_calls"):  # the calls come after the content, and are trained with it
+            return _before_end_of_turn(full, end_of_turn())
+        # two renderings with a character after this turn's content show where the content ends
+        content = message.get("content") or ""
+        probes = [render(messages[:i] + [{**message, "content": content + end}], False) for end in "\0\1"]
         end = _common_prefix_length(*probes)
         return end if text[:end] == probes[0][:end] else len(text)
 
-    fulls = (_Text("", 0, render(messages[: i + 1], False)) for i in range(len(messages)))
+    def reasoning_span(i: int, full: _Text) -> tuple[int, int] | None:
+        # the rendering with this turn's reasoning replaced by a placeholder shows where the reasoning is
+        found = reasoning_of(messages[i])
+        if found is None:
+            return None
+        text = render(messages[:i] + [{**messages[i], found[0]: _marker(0)}], False)
+        real, marks = full.ending, text.count(_MARK) - full.ending.count(_MARK)
+        if marks == 0:
+            return None  # the template leaves it out
+        before, _, after = text.partition(_marker(0))
+        if marks != 1 or len(before) + len(after) > len(real) or not (real.startswith(before) and real.endswith(after)):
+            raise RenderError(f"message {i}: cannot tell which characters of the rendering are its reasoning "
+                              "(the template renders it more than once, or changes it)")  # fmt: skip
+        return len(before), len(real) - len(after)
+
+    def full_of(i: int) -> _Text | None:
+        try:
+            return _Text("", 0, render(messages[: i + 1], False))
+        except TemplateError:
+            if messages[i]["role"] in TRAINED_ROLES:
+                raise
+            return None  # a template that refuses a conversation ending here (no user turn yet, ...)
+
+    fulls = (full_of(i) for i in range(len(messages)))
     prompts = lambda i: _Text("", 0, render(messages[:i], True)) if i else _EMPTY  # noqa: E731
-    marked = _mark_turns(messages, fulls, prompts, probed_start, None if masking.train_end_of_turn else content_end)
+    marked = _mark_turns(
+        messages, fulls, prompts, probed_start, None if masking.train_end_of_turn else content_end,
+        None if masking.train_reasoning else reasoning_span,
+    )  # fmt: skip
     samples = [RenderedConversation(text.ending, *_selected(spans, messages, masking)) for text, spans in marked]
     return [sample for sample in samples if sample.spans]
+
+
+@dataclass
+class _Placeholders:
+    """A conversation with its strings replaced by numbered placeholders: each message's reasoning (when asked),
+    its content when not empty (a template may test whether it is) and the names of its tool calls.
+
+    Attributes:
+        messages: the messages with placeholders.
+        values: the string each placeholder stands for, by number.
+        numbers: the placeholders of each message.
+        content, reasoning: the placeholder of each message's content or reasoning, where it has one.
+    """
+
+    messages: list[dict]
+    values: list[str] = field(default_factory=list)
+    numbers: list[list[int]] = field(default_factory=list)
+    content: dict[int, int] = field(default_factory=dict)
+    reasoning: dict[int, int] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, messages: list[dict], with_reasoning: bool) -> "_Placeholders":
+        held = cls([])
+        for i, message in enumerate(messages):
+            copy, first = dict(message), len(held.values)
+            found = reasoning_of(message) if with_reasoning else None
+            if found is not None:
+                held.reasoning[i] = len(held.values)
+                copy[found[0]] = held._hold(found[1])
+            if message.get("content"):
+                held.content[i] = len(held.values)
+                copy["content"] = held._hold(message["content"])
+            if message.get("tool_calls"):
+                copy["tool_calls"] = [held._call_named(call) for call in message["tool_calls"]]
+            if len(held.values) == first:
+                raise _NeedsTurnByTurn  # nothing of this message to find in a rendering
+            held.messages.append(copy)
+            held.numbers.append(list(range(first, len(held.values))))
+        return held
+
+    def _hold(self, value) -> str:
+        if not isinstance(value, str) or _MARK in value:
+            raise _NeedsTurnByTurn
+        self.values.append(value)
+        return _marker(len(self.values) - 1)
+
+    def _call_named(self, call) -> dict:
+        # the name of a tool call, in OpenAI's shape ({"function": {"name", "arguments"}}) or flat
+        if isinstance(call, dict) and isinstance(call.get("function"), dict) and call["function"].get("name"):
+            return {**call, "function": {**call["function"], "name": self._hold(call["function"]["name"])}}
+        if isinstance(call, dict) and call.get("name"):
+            return {**call, "name": self._hold(call["name"])}
+        raise _NeedsTurnByTurn
 
 
 def render_in_one_pass(
@@ -212,74 +327,113 @@ def render_in_one_pass(
     """:func:`render_conversation` at a cost linear in the conversation's length, or ``None`` where the template
     does not allow it (the caller then renders turn by turn).
 
-    The conversation is rendered twice whole: as it is, and with every content replaced by a placeholder. Putting
-    the contents back into the second rendering must give the first, so the template renders every content once,
-    unchanged, in order. Each turn's rendering as the last turn (what the turn-by-turn path renders) is then read
-    from a short conversation: the leading system turns and the turns from the last user turn before it on, with
-    placeholders. Everything such a rendering shares with the whole one must be the same, and the turn's spans
-    come from the same rules as turn by turn. What is assumed: a turn renders the same whether the turns more than
-    one user turn back are there or not (a template that rewrites a turn because of a later one still falls back:
-    the short renderings show the rewrite). Not used for a conversation that starts with an assistant turn, a turn
-    whose content is not a non-empty string, or a template that rewrites earlier turns.
+    The conversation is rendered twice whole: as it is, and with its strings (every non-empty content, the names
+    of tool calls, and the reasoning when it is not trained) replaced by placeholders. Putting the strings back into
+    the second rendering must give the first, so the template renders each of them once, unchanged, a message's
+    after the earlier messages'. Each turn's rendering as the last turn (what the turn-by-turn path renders) is then
+    read from a short conversation with placeholders: the leading system turns, the turns from the last user turn
+    before it on, and of a run of tool calls after that user turn only the turns from the latest assistant turn on.
+    Everything such a rendering shares with the whole one must be the same, and the turn's spans come from the same
+    rules as turn by turn. What is assumed: a turn renders the same whether the turns left out are there or not (a
+    template that rewrites a turn because of a later one still falls back: the short renderings show the rewrite).
+    Not used for a conversation that starts with an assistant turn, a message with no such string (an empty
+    content and no tool call), a content that is not a string, or a template that rewrites earlier turns.
     """
     count = len(messages)
-    contents = [message.get("content") for message in messages]
-    if messages[0]["role"] in TRAINED_ROLES or not all(
-        isinstance(content, str) and content and _MARK not in content for content in contents
-    ):
+    if messages[0]["role"] in TRAINED_ROLES:
         return None
-    placeheld = [{**message, "content": _marker(i)} for i, message in enumerate(messages)]
-    head = next((i for i, message in enumerate(messages) if message["role"] in _TURN_ROLES), count)
     try:
-        whole, base = render(messages, False), render(placeheld, False)
-        starts = _marker_starts(base, range(count))
-        if starts is None or _put_back(base, starts, contents) != whole:
+        held = _Placeholders.of(messages, with_reasoning=not masking.train_reasoning)
+    except _NeedsTurnByTurn:
+        return None
+    head = next((i for i, message in enumerate(messages) if message["role"] in _TURN_ROLES), count)
+    marker_length = [len(_marker(number)) for number in range(len(held.values))]
+    try:
+        whole, base = render(messages, False), render(held.messages, False)
+        at = _marker_positions(base, range(len(held.values)))
+        if at is None:
             return None
+        order = sorted(at, key=at.__getitem__)
+        if _put_back(base, [(at[number], number) for number in order], held.values) != whole:
+            return None
+        starts = [min(at[number] for number in numbers) for numbers in held.numbers]
+        ends = [max(at[number] + marker_length[number] for number in numbers) for numbers in held.numbers]
+        if any(ends[i] > starts[i + 1] for i in range(count - 1)):
+            return None  # a message's strings among another's
 
         def as_last(indices: list[int], first: int, add_generation_prompt: bool) -> _Text:
             # the rendering of the turns ``indices`` as a _Text on ``base``: the same text as ``base`` from turn
-            # ``first``'s content (from the start where ``indices`` are the first turns) to the last turn's, then
-            # its own ending
-            text = render([placeheld[i] for i in indices], add_generation_prompt)
-            own, last = _marker_starts(text, indices), indices[-1]
+            # ``first``'s first placeholder (from the start where ``indices`` are the first turns) to the last
+            # turn's last one, then its own ending
+            text = render([held.messages[i] for i in indices], add_generation_prompt)
+            own = _marker_positions(text, [number for i in indices for number in held.numbers[i]])
             if own is None:
                 raise _NeedsTurnByTurn
-            whole_prefix = indices[-1] == len(indices) - 1
-            origin, base_origin = (0, 0) if whole_prefix else (own[indices.index(first)], starts[first])
-            if text[origin : own[-1]] != base[base_origin : starts[last]]:
+            last = indices[-1]
+            own_end = max(own[number] + marker_length[number] for number in held.numbers[last])
+            whole_prefix = last == len(indices) - 1
+            origin = 0 if whole_prefix else min(own[number] for number in held.numbers[first])
+            if text[origin:own_end] != base[0 if whole_prefix else starts[first] : ends[last]]:
                 raise _NeedsTurnByTurn  # the turns render otherwise when they come last
-            ending = text[own[-1] + len(_marker(last)) :]
+            ending = text[own_end:]
             if _MARK in ending:
                 raise _NeedsTurnByTurn
-            return _Text.of(base, starts[last] + len(_marker(last)), ending)
+            return _Text.of(base, ends[last], ending)
 
-        fulls, prompts, last_user = [], {}, None
+        fulls, prompts, last_user, last_assistant = [], {}, None, None
         for i, message in enumerate(messages):
             first = head if last_user is None else last_user
             first -= (first - head) % 2  # keep each turn's parity, for templates that check the alternation
-            window = list(range(i + 1)) if i <= first else list(range(head)) + list(range(first, i + 1))
-            fulls.append(as_last(window, first, False))
+            if i <= first:
+                window = list(range(i + 1))
+            elif last_user is not None and last_assistant is not None and last_assistant > last_user + 1:
+                # tool rounds since the last user turn: from the latest assistant turn on, after the user turn
+                window = [*range(head), *range(first, last_user + 1), *range(last_assistant, i + 1)]
+                first = last_assistant
+            else:
+                window = [*range(head), *range(first, i + 1)]
+            try:
+                fulls.append(as_last(window, first, False))
+            except TemplateError:
+                if message["role"] in TRAINED_ROLES:
+                    raise
+                fulls.append(None)  # as turn by turn
             if message["role"] in TRAINED_ROLES:
                 prompts[i] = as_last(window[:-1], first, True)
+                last_assistant = i
             if message["role"] == "user":
-                last_user = i
+                last_user, last_assistant = i, None
+        if fulls[-1] is None or fulls[-1].cut != len(base) or fulls[-1].ending:
+            return None  # the last turn, rendered after the turns it was given, does not end as the whole does
 
         def probed_start(i: int, full: _Text) -> int:
             raise _NeedsTurnByTurn
 
+        end_of_turn = functools.cache(lambda: _end_of_turn_text(render))
+
         def content_end(i: int, full: _Text) -> int:
-            return starts[i] + len(_marker(i))
+            if messages[i].get("tool_calls"):
+                return _before_end_of_turn(full, end_of_turn())
+            if i not in held.content:
+                raise _NeedsTurnByTurn
+            return at[held.content[i]] + marker_length[held.content[i]]
+
+        def reasoning_span(i: int, full: _Text) -> tuple[int, int] | None:
+            number = held.reasoning.get(i)
+            return None if number is None else (at[number], at[number] + marker_length[number])
 
         marked = _mark_turns(
-            messages, fulls, prompts.__getitem__, probed_start, None if masking.train_end_of_turn else content_end
-        )
+            messages, fulls, prompts.__getitem__, probed_start, None if masking.train_end_of_turn else content_end,
+            None if masking.train_reasoning else reasoning_span,
+        )  # fmt: skip
     except (_NeedsTurnByTurn, TemplateError, ValueError):
         return None
-    shifts = list(accumulate(len(content) - len(_marker(i)) for i, content in enumerate(contents)))
+    placed = [at[number] for number in order]
+    shifts = list(accumulate(len(held.values[number]) - marker_length[number] for number in order))
 
     def real(position: int) -> int:  # a position of ``base`` in ``whole``
-        before = bisect_right(starts, position - 1)  # placeholders that start before it
-        inside = before and position < starts[before - 1] + len(_marker(before - 1))
+        before = bisect_right(placed, position - 1)  # placeholders that start before it
+        inside = before and position < placed[before - 1] + marker_length[order[before - 1]]
         if inside:
             raise _NeedsTurnByTurn
         return position + (shifts[before - 1] if before else 0)
@@ -301,17 +455,23 @@ def render_in_one_pass(
     return samples
 
 
-def _mark_turns(messages: list[dict], fulls, prompt_of, probed_start, content_end=None) -> list[tuple[_Text, list]]:
+def _mark_turns(
+    messages: list[dict], fulls, prompt_of, probed_start, content_end=None, reasoning_span=None
+) -> list[tuple[_Text, list]]:
     """The samples of a conversation, as ``(text, spans)`` with spans ``(start, end, turn index)``, from the
-    renderings of its prefixes: ``fulls`` yields the rendering of ``messages[:i + 1]`` for each ``i``,
+    renderings of its prefixes: ``fulls`` yields the rendering of ``messages[:i + 1]`` for each ``i`` (``None``
+    where the template refuses to end a conversation with an untrained turn: nothing is learnt from it),
     ``prompt_of(i)`` is that of ``messages[:i]`` with the generation prompt, ``probed_start(i, full)`` where turn
-    ``i``'s trained text starts when its rendering does not follow the earlier ones, and ``content_end(i, full)``
-    (given when the end-of-turn text is not trained) where its content ends."""
+    ``i``'s trained text starts when its rendering does not follow the earlier ones, ``content_end(i, full)``
+    (given when the end-of-turn text is not trained) where its content ends, and ``reasoning_span(i, full)`` (given
+    when reasoning is not trained) the characters ``(start, end)`` of its reasoning, or ``None``."""
     samples: list[tuple[_Text, list]] = []
     current: _Text | None = None
     spans: list[tuple[int, int]] = []
     previous = _EMPTY
     for i, (message, full) in enumerate(zip(messages, fulls)):
+        if full is None:
+            continue
         if current is not None and not full.startswith(current):
             kept = _continued_length(current, spans, full)
             if kept is None:
@@ -330,8 +490,11 @@ def _mark_turns(messages: list[dict], fulls, prompt_of, probed_start, content_en
             if content_end is not None:
                 end = min(end, content_end(i, full))
             current = full
-            if end > start:
-                spans.append((start, end, i))
+            pieces = [(start, end)]
+            hole = reasoning_span(i, full) if reasoning_span is not None else None
+            if hole is not None:
+                pieces = [(start, min(end, hole[0])), (max(start, hole[1]), end)]
+            spans += [(piece_start, piece_end, i) for piece_start, piece_end in pieces if piece_end > piece_start]
         previous = full
     if current is not None:
         samples.append((current, spans))
@@ -391,6 +554,23 @@ def _generated_before_content(full: str, content_start: int, message: dict, rend
     return len(generated) if generated and full[:content_start].endswith(generated) else 0
 
 
+def _end_of_turn_text(render) -> str:
+    """What the template puts after the content of an answer that ends a conversation (its end-of-turn token),
+    without trailing whitespace."""
+    conversation = [{"role": "user", "content": "a"}]
+    probes = [render([*conversation, {"role": "assistant", "content": "b" + end}], False) for end in "\0\1"]
+    return probes[0][_common_prefix_length(*probes) + 1 :].rstrip()
+
+
+def _before_end_of_turn(full: _Text, end_of_turn: str) -> int:
+    """Where the last turn of ``full`` ends without its end-of-turn text ``end_of_turn`` (and the whitespace before
+    it); where the turn does not end with that text, its end."""
+    end = full.stripped_length()
+    if end_of_turn and full.piece(end - len(end_of_turn), end) == end_of_turn:
+        return full.stripped_length(end - len(end_of_turn))
+    return end
+
+
 def tokenize_rendered(rendered: RenderedConversation, tokenizer, max_length: int) -> dict:
     """Token ids and labels (``-100`` where no loss) of ``rendered``, cut to ``max_length`` tokens.
 
@@ -437,12 +617,17 @@ def _labelled(input_ids: list[int], offsets: list[tuple[int, int]], rendered: Re
 
 
 def template_renderer(tokenizer, chat_template: str | None = None, **template_kwargs):
-    """``render(messages, add_generation_prompt) -> str`` with the tokenizer's chat template (or ``chat_template``)."""
+    """``render(messages, add_generation_prompt, tools=None) -> str`` with the tokenizer's chat template (or
+    ``chat_template``), as transformers renders it: ``tools`` (JSON schemas) are given to the template, and a
+    message's reasoning under the name the template reads (``reasoning_content`` or ``thinking``, whichever the
+    message has). A message with reasoning is an error for a template that renders none."""
 
-    def render(messages: list[dict], add_generation_prompt: bool) -> str:
+    def render(messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None = None) -> str:
+        template = tokenizer.get_chat_template(chat_template, tools)
         return tokenizer.apply_chat_template(
-            messages,
-            chat_template=chat_template,
+            _with_reasoning_key(messages, _reasoning_key(template)),
+            tools=tools or None,  # an empty list would still print a template's tool instructions
+            chat_template=template,
             tokenize=False,
             add_generation_prompt=add_generation_prompt,
             **template_kwargs,
@@ -451,13 +636,49 @@ def template_renderer(tokenizer, chat_template: str | None = None, **template_kw
     return render
 
 
+@functools.lru_cache(maxsize=16)
+def _reasoning_key(template: str) -> str | None:
+    """The field of a message that ``template`` reads its reasoning from (``message.thinking``,
+    ``message['reasoning_content']``, ...), or ``None``."""
+    for key in REASONING_KEYS:
+        if re.search(rf"""(\.|\[\s*['"]){key}\b""", template):
+            return key
+    return None
+
+
+def _with_reasoning_key(messages: list[dict], key: str | None) -> list[dict]:
+    """``messages`` with each message's reasoning under ``key``."""
+    if not any(name in message for message in messages for name in REASONING_KEYS):
+        return messages
+    renamed = []
+    for i, message in enumerate(messages):
+        found = reasoning_of(message)
+        if found is not None and key is None:
+            raise RenderError(
+                f"message {i} has reasoning ({found[0]!r}), which the chat template does not render (it reads no "
+                f"{' or '.join(REASONING_KEYS)} field): use a template that renders reasoning (data.chat_template), "
+                "or remove the field"
+            )
+        if found is not None and any(name in message for name in REASONING_KEYS if name != key):
+            message = {name: value for name, value in message.items() if name not in REASONING_KEYS}
+            message[key] = found[1]
+        renamed.append(message)
+    return renamed
+
+
 def tokenize_conversation(
-    messages: list[dict], tokenizer, max_length: int, chat_template: str | None = None, masking: Masking = Masking()
+    messages: list[dict],
+    tokenizer,
+    max_length: int,
+    chat_template: str | None = None,
+    masking: Masking = Masking(),
+    tools: list[dict] | None = None,
 ) -> list[dict]:
-    """Stage 3 in one call: ``messages`` to a list of samples (usually one), each with ``input_ids`` and ``labels``
-    (and ``token_weights``, the loss weight of each token, with ``masking.mask == "field"``)."""
+    """Stage 3 in one call: ``messages`` (which may call ``tools``) to a list of samples (usually one), each with
+    ``input_ids`` and ``labels`` (and ``token_weights``, the loss weight of each token, with
+    ``masking.mask == "field"``)."""
     render = template_renderer(tokenizer, chat_template)
-    return tokenize_rendered_batch(render_conversation(messages, render, masking), tokenizer, max_length)
+    return tokenize_rendered_batch(render_conversation(messages, render, masking, tools), tokenizer, max_length)
 
 
 def count_loss_tokens(labels: list[int]) -> int:

@@ -5,21 +5,20 @@ import json
 from dataclasses import asdict, fields
 from typing import Callable, Optional
 
-from lt_posttrain.data.tokenize import template_renderer
+from lt_posttrain.data.tokenize import REASONING_KEYS, RenderError, template_renderer
 from lt_posttrain.errors import UserError
 
 Render = Callable[[list[dict], bool], str]
-"""``render(messages, add_generation_prompt) -> str``, the contract of ``tokenize.template_renderer``."""
+"""``render(messages, add_generation_prompt) -> str``, the contract of ``tokenize.template_renderer``; a renderer
+for conversations with tools also takes them, ``render(messages, add_generation_prompt, tools=tools)``."""
+
+__all__ = ["COMMON_FIELDS", "Render", "RenderError", "SourceType", "chat_renderer"]
 
 # Fields every type understands; the others belong to one type or another (see ``SourceType.reads``).
 COMMON_FIELDS = frozenset(
     {"name_or_path", "split", "subset", "sample_count", "shuffle", "seed", "type", "weight", "options", "mask",
-     "train_end_of_turn"}
+     "train_end_of_turn", "train_reasoning"}
 )  # fmt: skip
-
-
-class RenderError(ValueError):
-    """A renderer cannot render a conversation; the caller names the source and the row in the user's message."""
 
 
 class SourceType:
@@ -50,6 +49,11 @@ class SourceType:
         caller drops and counts it).
         """
         raise NotImplementedError
+
+    def tools(self, row: dict, index: int) -> Optional[list[dict]]:
+        """The tools (JSON schemas) the conversation of ``row`` may call, given to the chat template with it;
+        ``None`` for none (the default). :meth:`tools_in_column` reads them from the source's ``tools_column``."""
+        return None
 
     def renderer(self, tokenizer, chat_template: Optional[str]) -> Optional[Render]:
         """This type's own renderer, or ``None`` to render with the chat template (``chat_template`` if given, else
@@ -85,6 +89,87 @@ class SourceType:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
         raise self.error(index, f"{what} must be text, got {type(value).__name__} {value!r:.60}")
+
+    # -- tools, tool calls and reasoning, as hub data sets hold them ----------------------------------------------
+    def tools_in_column(self, row: dict, index: int) -> Optional[list[dict]]:
+        """The tools in the source's ``tools_column``: a list of JSON schemas, or its JSON text (hub data sets keep
+        them as text, as Arrow holds one schema per column); a schema without OpenAI's ``{"type": "function",
+        "function": ...}`` wrapper (``{"name", "description", "parameters"}``) is wrapped, as an inference server
+        gives it to the template. A row without the column (when it is the default one) or with null has none."""
+        key = self.source.tools_column
+        if key not in row and key == "tools":
+            return None
+        value = self.column(row, key, index, "tools_column")
+        what = f"column {key!r}"
+        if value is None:
+            return None
+        value = self.parsed_json(value, index, what) if isinstance(value, str) else value
+        value = [value] if isinstance(value, dict) else value
+        if not isinstance(value, list):
+            raise self.error(index, f"{what} must be a list of tool schemas, got {type(value).__name__} {value!r:.60}")
+        tools = []
+        for number, tool in enumerate(value):
+            tool = self.parsed_json(tool, index, f"{what}, tool {number}") if isinstance(tool, str) else tool
+            if not isinstance(tool, dict):
+                raise self.error(index, f"{what}: tool {number} must be a JSON object, got {tool!r:.60}")
+            tools.append({"type": "function", "function": tool} if "function" not in tool and "name" in tool else tool)
+        return tools or None
+
+    def tool_calls(self, value, index: int, where: str) -> list[dict]:
+        """``value`` as OpenAI-style tool calls, ``[{"type": "function", "function": {"name", "arguments"}}]``,
+        the form chat templates read: a list of calls, one call, or the JSON text of either; a flat call (``{"name",
+        "arguments"}``, as in xLAM) is wrapped, and arguments given as JSON text (as in OpenAI's API) become the
+        object they hold. ``where`` names the message in errors."""
+        value = self.parsed_json(value, index, f"{where}: tool_calls") if isinstance(value, str) else value
+        value = [value] if isinstance(value, dict) else value
+        if not isinstance(value, list):
+            raise self.error(index, f"{where}: tool_calls must be a list of calls, got {type(value).__name__}")
+        calls = []
+        for number, call in enumerate(value):
+            what = f"{where}, tool call {number}"
+            call = self.parsed_json(call, index, what) if isinstance(call, str) else call
+            if not isinstance(call, dict):
+                raise self.error(index, f"{what} must be a JSON object with a name and arguments, got {call!r:.60}")
+            nested = isinstance(call.get("function"), dict)
+            function = call["function"] if nested else call
+            name, arguments = function.get("name"), function.get("arguments")
+            if not isinstance(name, str) or not name:
+                raise self.error(index, f"{what} has no function name (got {call!r:.80})")
+            if isinstance(arguments, str):
+                arguments = self.parsed_json(arguments, index, f"{what} ({name}): arguments") if arguments else {}
+            arguments = {} if arguments is None else arguments
+            if not isinstance(arguments, dict):
+                raise self.error(index, f"{what} ({name}): arguments must be a JSON object, got {arguments!r:.60}")
+            outer = {key: value for key, value in call.items() if value is not None and key != "function"}
+            if not nested:
+                outer = {key: value for key, value in outer.items() if key in ("id", "type")}
+                function = {key: value for key, value in function.items() if key not in ("id", "type")}
+            inner = {key: value for key, value in function.items() if value is not None}
+            calls.append({**outer, "type": outer.get("type") or "function",
+                          "function": {**inner, "name": name, "arguments": arguments}})  # fmt: skip
+        return calls
+
+    def assistant_fields(self, message: dict, index: int, where: str) -> dict:
+        """``message`` with its tool calls read by :meth:`tool_calls` (none: no ``tool_calls`` key) and its
+        reasoning checked to be text. ``where`` names the message in errors."""
+        if "tool_calls" in message:
+            calls = self.tool_calls(message["tool_calls"], index, where) if message["tool_calls"] is not None else []
+            message = {key: value for key, value in message.items() if key != "tool_calls"}
+            if calls:
+                message["tool_calls"] = calls
+        for key in REASONING_KEYS:
+            if message.get(key) is not None and not isinstance(message[key], str):
+                raise self.error(index, f"{where}: {key!r} must be text, got {type(message[key]).__name__}")
+        return message
+
+    def parsed_json(self, text: str, index: int, what: str):
+        """The value of JSON ``text``; malformed JSON is the user's error naming ``what``."""
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as error:
+            raise self.error(
+                index, f"{what} is not valid JSON ({error.msg} at character {error.pos} of {text!r:.60}): fix the row"
+            ) from None
 
     def _check_fields(self) -> None:
         for item in fields(self.source):

@@ -5,9 +5,15 @@ whose filter field has a given value (``{user: conversations.from.human, assista
 text under ``content_key``). Turns keep the order of the source list: unlike ArcticTraining, which groups turns by
 role and zips the groups (so a mapped system prompt cuts a multi-turn chat to its first exchange), every turn of a
 multi-turn chat is kept.
+
+Tool-calling data sets map too. A list column's turns bring their OpenAI fields (``tool_calls``, a tool turn's
+``tool_call_id`` and ``name``, ``reasoning_content`` or ``thinking``), with ``tools`` and arguments as JSON text where
+the data set keeps them so. Two parts of an assistant turn can be mapped like roles: ``tool_calls`` (text holding the
+JSON of a call or a list of calls: a column, or turns such as ShareGPT's ``function_call``) and ``reasoning`` (a
+column): they join the assistant turn next to them.
 """
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 from lt_posttrain.data.source_types.base import SourceType
 from lt_posttrain.errors import UserError
@@ -30,10 +36,14 @@ KNOWN_DATASETS = {
     "openai/gsm8k": ({"user": "question", "assistant": "answer"}, "content"),
     "meta-math/MetaMathQA": ({"user": "query", "assistant": "response"}, "content"),
     "ise-uiuc/Magicoder-OSS-Instruct-75K": ({"user": "problem", "assistant": "solution"}, "content"),
+    "Salesforce/xlam-function-calling-60k": ({"user": "query", "tool_calls": "answers"}, "content"),
 }
 
-# String columns around the list turns: a system prompt first, the answer last.
-_ROLE_ORDER = {"system": 0, "assistant": 2}
+TOOL_CALLS, REASONING = "tool_calls", "reasoning"  # parts of an assistant turn, mapped like roles
+# String columns around the list turns: a system prompt first, the answer last (its reasoning, text, then calls).
+_ROLE_ORDER = {"system": 0, REASONING: 2, "assistant": 3, TOOL_CALLS: 4}
+# The fields of a list column's turn kept besides its role and text: tool calls, tool results, reasoning.
+TURN_FIELDS = ("tool_calls", "tool_call_id", "name", "reasoning_content", "thinking")
 
 
 class ListTurns(NamedTuple):
@@ -51,10 +61,12 @@ class HuggingFaceInstructSourceType(SourceType):
 
     The conversation is: system string columns, then the turns of each mapped list column in list order (a turn
     whose filter field matches no mapped role is skipped), then the other string columns (user before assistant).
-    Null values and turns with null text are skipped; a row without an assistant turn gives ``[]``.
+    Null values and turns with null text (and no tool calls) are skipped; a row without an assistant turn gives
+    ``[]``. ``tool_calls`` and ``reasoning`` parts join the assistant turn before (tool calls) or after (reasoning)
+    them, or make one of their own. The tools come from the ``tools_column``.
     """
 
-    reads = frozenset({"role_mapping", "content_key"})
+    reads = frozenset({"role_mapping", "content_key", "tools_column"})
 
     def __init__(self, source):
         super().__init__(source)
@@ -94,19 +106,26 @@ class HuggingFaceInstructSourceType(SourceType):
         messages = self._string_turns(row, index, system)
         for column, specs in self.lists.items():
             messages += self._list_turns(row, index, column, specs)
-        return messages + self._string_turns(row, index, others)
+        return _joined(messages + self._string_turns(row, index, others))
+
+    def tools(self, row: dict, index: int) -> Optional[list[dict]]:
+        return self.tools_in_column(row, index)
 
     def _string_turns(self, row: dict, index: int, columns: list[tuple[str, str]]) -> list[dict]:
         messages = []
         for role, column in columns:
             value = row[column]
-            if isinstance(value, list):
+            if isinstance(value, list) and role != TOOL_CALLS:
                 raise self.error(
                     index,
                     f"role_mapping {role}: column {column!r} holds a list: map its turns as '{column}.FIELD.VALUE' "
                     f"(e.g. {column}.from.human) and set content_key",
                 )
-            if value is not None:
+            if value is None:
+                continue
+            if role == TOOL_CALLS:
+                messages.append({"role": role, "tool_calls": self.tool_calls(value, index, f"column {column!r}")})
+            else:
                 messages.append({"role": role, "content": self.text(value, index, f"column {column!r}")})
         return messages
 
@@ -139,12 +158,40 @@ class HuggingFaceInstructSourceType(SourceType):
                     f"turn {position} of {column!r} has no {self.content_key!r} (content_key; its fields: "
                     f"{', '.join(turn)}): set content_key to the field holding the text",
                 )
+            where = f"turn {position} of {column!r}"
+            if role == TOOL_CALLS:
+                if turn[self.content_key] is not None:
+                    messages.append({"role": role, "tool_calls": self.tool_calls(turn[self.content_key], index, where)})
+                continue
+            message = {"role": role}
             if turn[self.content_key] is not None:
-                text = self.text(turn[self.content_key], index, f"turn {position} of {column!r}")
-                messages.append({"role": role, "content": text})
+                message["content"] = self.text(turn[self.content_key], index, where)
+            message.update((key, turn[key]) for key in TURN_FIELDS if turn.get(key) is not None)
+            message = self.assistant_fields(message, index, where)
+            if "content" in message or message.get("tool_calls"):
+                messages.append(message)
         return messages
 
 
 def _matches(value, wanted: str) -> bool:
     # mapping values come from YAML as text; a field may hold a number or a boolean
     return value is not None and str(value) == wanted
+
+
+def _joined(messages: list[dict]) -> list[dict]:
+    """``messages`` with the ``tool_calls`` parts joined to the assistant turn before them (or made an assistant
+    turn) and the ``reasoning`` parts to the one after them (a reasoning with no answer after it is dropped)."""
+    joined, reasoning = [], None
+    for message in messages:
+        if message["role"] == REASONING:
+            reasoning = message["content"]
+            continue
+        if message["role"] == TOOL_CALLS:
+            if joined and joined[-1]["role"] == "assistant" and reasoning is None:
+                joined[-1] = {**joined[-1], "tool_calls": joined[-1].get("tool_calls", []) + message["tool_calls"]}
+                continue
+            message = {"role": "assistant", "tool_calls": message["tool_calls"]}
+        if message["role"] == "assistant" and reasoning is not None:
+            message, reasoning = {**message, "reasoning_content": reasoning}, None
+        joined.append(message)
+    return joined

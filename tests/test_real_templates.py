@@ -54,19 +54,20 @@ def trained_texts(sample: dict, tokenizer) -> list[str]:
     return [tokenizer.decode(run) for run in runs]
 
 
-def transformers_mask(messages: list[dict], tokenizer, template: str) -> tuple[list[int], list[int]]:
+def transformers_mask(messages: list[dict], tokenizer, template: str, tools=None) -> tuple[list[int], list[int]]:
     out = tokenizer.apply_chat_template(
-        messages, chat_template=template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-    )
+        messages, tools=tools, chat_template=template, tokenize=True, return_dict=True,
+        return_assistant_tokens_mask=True,
+    )  # fmt: skip
     return out["input_ids"], out["assistant_masks"]
 
 
-def assert_agrees_with_transformers(messages: list[dict], tokenizer, template: str) -> None:
+def assert_agrees_with_transformers(messages: list[dict], tokenizer, template: str, tools=None) -> None:
     """Every token transformers' mask trains is trained here too, except whitespace after an end-of-turn token or
     inside the assistant header (the model never has to generate it: the next header or the prompt supplies it);
     nothing else is trained here. The first token is never trained (nothing predicts it)."""
-    [sample] = tokenize_conversation(messages, tokenizer, 100_000, chat_template=template)
-    ids, mask = transformers_mask(messages, tokenizer, template)
+    [sample] = tokenize_conversation(messages, tokenizer, 100_000, chat_template=template, tools=tools)
+    ids, mask = transformers_mask(messages, tokenizer, template, tools)
     assert sample["input_ids"] == ids
     mask = [0] + mask[1:]
     ours = [label != IGNORE_INDEX for label in sample["labels"]]

@@ -6,6 +6,7 @@ APIGen-MT's ShareGPT, OpenAI messages) whose tools and arguments are JSON text b
 
 import copy
 import json
+import re
 
 import pytest
 
@@ -31,22 +32,13 @@ from test_real_templates import SPECIAL_TOKENS, assert_agrees_with_transformers,
 # the special tokens of the templates' own tokenizers, so that no token straddles a template's marker
 TOOL_TOKENS = ["<|python_tag|>", "<|eom_id|>", "<|tool_call_start|>", "<|tool_call_end|>", "<|observation|>",
                "[gMASK]", "<sop>", "<tool_response>", "</tool_response>"]  # fmt: skip
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Current weather of a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
-TIME = {
-    "type": "function",
-    "function": {
-        "name": "get_time",
-        "description": "Local time of a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
+def function(name: str, description: str) -> dict:
+    """A tool as OpenAI's API and transformers take it: a function of one string argument, ``city``."""
+    parameters = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    return {"type": "function", "function": {"name": name, "description": description, "parameters": parameters}}
+
+
+WEATHER, TIME = function("get_weather", "Current weather of a city"), function("get_time", "Local time of a city")
 TOOLS = [WEATHER, TIME]
 
 
@@ -453,3 +445,27 @@ def test_prompts_for_prediction_carry_the_tools(tokenizer):
     assert "Current weather of a city" in prompt["prompt"]
     assert prompt["prompt"].endswith("Rain, 18C\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
     assert prompt["reference"] == "Now the time."
+
+
+def test_the_readme_recipe_previews_calls_trained_and_results_untrained():
+    """``configs/tool_calls.yaml`` as the README runs it (the test tokenizer in place of the quantized model's):
+    the calls and answers marked as trained, the tools and tool results not, the reasoning only in sample 0."""
+    from pathlib import Path
+
+    from test_cli import lt_posttrain
+
+    root = Path(__file__).resolve().parents[1]
+    result = lt_posttrain("data", "preview", "--config", "configs/tool_calls.yaml", "--model.name_or_path",
+                          TOKENIZER_DIR, "--num", 3, cwd=root)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    samples = result.stdout.split("── sample ")[1:]
+    assert len(samples) == 3
+    calls = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    assert f"⟦<think>\nI need the weather of both cities.\n</think>\n\n{calls}" in samples[0]
+    assert f"⟦<think>\n⟧I need the weather of both cities.⟦\n</think>\n\n{calls}" in samples[1]
+    for sample in samples:
+        trained, context = re.findall("⟦(.*?)⟧", sample, re.S), "".join(re.split("⟦.*?⟧", sample, flags=re.S))
+        assert "Current weather of a city" in context and not any("weather of a city" in text for text in trained)
+        assert not any("temperature" in text for text in trained)
+    assert '<tool_response>\n{"temperature": 24}\n</tool_response>' in samples[0]
+    assert '⟦<think>\n\n</think>\n\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}' in samples[2]

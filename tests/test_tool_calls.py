@@ -31,7 +31,8 @@ from test_real_templates import SPECIAL_TOKENS, assert_agrees_with_transformers,
 
 # the special tokens of the templates' own tokenizers, so that no token straddles a template's marker
 TOOL_TOKENS = ["<|python_tag|>", "<|eom_id|>", "<|tool_call_start|>", "<|tool_call_end|>", "<|observation|>",
-               "[gMASK]", "<sop>", "<tool_response>", "</tool_response>"]  # fmt: skip
+               "[gMASK]", "<sop>", "<tool_response>", "</tool_response>", "<｜User｜>", "<｜Assistant｜>",
+               "<｜end▁of▁sentence｜>"]  # fmt: skip
 def function(name: str, description: str) -> dict:
     """A tool as OpenAI's API and transformers take it: a function of one string argument, ``city``."""
     parameters = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
@@ -237,6 +238,40 @@ def test_reasoning_for_a_template_without_reasoning_is_one_line(tokenizer, tmp_p
     all_tokens = Source(str(path), mask="all_tokens", train_reasoning=False)
     with pytest.raises(UserError, match="mask all_tokens trains every token, the reasoning too"):
         tokenize_rows(load_rows(all_tokens), all_tokens, tokenizer, 4096, real_chat_template("qwen3"))
+
+
+def test_deepseek_r1_reads_the_reasoning_from_the_content(tokenizer):
+    """DeepSeek-R1's templates read the reasoning from a think block in the content, and the generation prompt opens
+    it: a reasoning field renders as that block, the same as reasoning written in the content; the training
+    template trains it (after the prompt's ``<think>``), the original drops it as at inference."""
+    inline = [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "<think>\nAdd them.\n</think>\n\n4"},
+        {"role": "user", "content": "3+3?"},
+        {"role": "assistant", "content": "<think>\nAdd again.\n</think>\n\n6"},
+    ] * 2
+    fields = [
+        {**m, "content": m["content"].split("\n\n")[-1], "reasoning_content": m["content"][8:].split("\n</think>")[0]}
+        if m["role"] == "assistant" else m
+        for m in inline
+    ]  # fmt: skip
+    for name in ("deepseek_r1_distill", "deepseek_r1_distill_training"):
+        render = template_renderer(tokenizer, real_chat_template(name))
+        assert render(fields, False) == render(inline, False)
+    training = real_chat_template("deepseek_r1_distill_training")
+    for chat in (inline, fields):
+        [sample] = tokenize_conversation(chat, tokenizer, 4096, training)
+        assert trained_texts(sample, tokenizer)[:2] == ["Add them.\n</think>\n\n4<｜end▁of▁sentence｜>",
+                                                        "Add again.\n</think>\n\n6<｜end▁of▁sentence｜>"]  # fmt: skip
+    [sample] = tokenize_conversation(fields, tokenizer, 4096, training, Masking(train_reasoning=False))
+    assert trained_texts(sample, tokenizer)[:2] == ["\n</think>\n\n4<｜end▁of▁sentence｜>",
+                                                    "\n</think>\n\n6<｜end▁of▁sentence｜>"]  # fmt: skip
+    render = template_renderer(tokenizer, training)
+    for masking in (Masking(), Masking(train_reasoning=False)):
+        one = render_in_one_pass(fields, render, masking)
+        assert [(p.text, p.spans) for p in one] == [(p.text, p.spans) for p in render_turn_by_turn(fields, render, masking)]
+    [sample] = tokenize_conversation(fields, tokenizer, 4096, real_chat_template("deepseek_r1_distill"))
+    assert "Add them." not in tokenizer.decode(sample["input_ids"])
 
 
 # -- masking modes with tool calls ------------------------------------------------------------------------------------
@@ -469,3 +504,20 @@ def test_the_readme_recipe_previews_calls_trained_and_results_untrained():
         assert not any("temperature" in text for text in trained)
     assert '<tool_response>\n{"temperature": 24}\n</tool_response>' in samples[0]
     assert '⟦<think>\n\n</think>\n\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}' in samples[2]
+
+
+def test_turns_and_tools_as_json_text_and_a_named_tools_column(tmp_path):
+    """A ``messages`` column kept as the JSON text of the whole list (turns of varying fields), and tools in a
+    column of another name (``tools_column``); a named column that is missing is an error, the default one not."""
+    chat = without_reasoning(TRIP)
+    path = write_jsonl(tmp_path / "text.jsonl", [{"messages": json.dumps(chat), "functions": json.dumps(TOOLS)}])
+    source = Source(str(path), tools_column="functions")
+    reader, [row] = load_source_type(source), load_rows(source)
+    assert reader.messages(row, 0) == chat
+    assert reader.tools(row, 0) == TOOLS
+    assert load_source_type(Source(str(path))).tools(row, 0) is None  # no 'tools' column: no tools
+    with pytest.raises(UserError, match=r"row 0: no column 'tool_defs' \(tools_column\); the rows have messages, "
+                                        r"functions: set tools_column to one"):  # fmt: skip
+        load_source_type(Source(str(path), tools_column="tool_defs")).tools(row, 0)
+    with pytest.raises(UserError, match="'tools_column' has no effect with type 'text'"):
+        load_source_type(Source(str(path), type="text", tools_column="functions"))

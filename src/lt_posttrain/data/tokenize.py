@@ -380,7 +380,23 @@ def render_in_one_pass(
                 raise _NeedsTurnByTurn
             return _Text.of(base, ends[last], ending)
 
-        fulls, prompts, last_user, last_assistant = [], {}, None, None
+        def check_bounds(i: int, full: _Text, before: list) -> None:
+            # Where a turn's span starts (where the renderings ``before`` it part from ``full``) or ends (before
+            # trailing whitespace) at one of its placeholders, the real string may go on matching: the text of the
+            # generation prompt after the header (DeepSeek-R1's "<think>\n") may begin the content, a content may
+            # end with whitespace. Those turns render turn by turn.
+            bounds = {at[number]: number for number in held.numbers[i]}
+            for text in before:
+                common = text.common_prefix_length(full) if text is not None else -1
+                if common in bounds and common < len(text):
+                    if held.values[bounds[common]].startswith(text.piece(common, common + 1)):
+                        raise _NeedsTurnByTurn
+            end = full.stripped_length()
+            ends_at = {at[number] + marker_length[number]: number for number in held.numbers[i]}
+            if end in ends_at and held.values[ends_at[end]][-1:].isspace():
+                raise _NeedsTurnByTurn
+
+        fulls, prompts, last_user, last_assistant, previous = [], {}, None, None, None
         for i, message in enumerate(messages):
             first = head if last_user is None else last_user
             first -= (first - head) % 2  # keep each turn's parity, for templates that check the alternation
@@ -400,9 +416,11 @@ def render_in_one_pass(
                 fulls.append(None)  # as turn by turn
             if message["role"] in TRAINED_ROLES:
                 prompts[i] = as_last(window[:-1], first, True)
+                check_bounds(i, fulls[-1], [prompts[i], previous])
                 last_assistant = i
             if message["role"] == "user":
                 last_user, last_assistant = i, None
+            previous = fulls[-1] if fulls[-1] is not None else previous
         if fulls[-1] is None or fulls[-1].cut != len(base) or fulls[-1].ending:
             return None  # the last turn, rendered after the turns it was given, does not end as the whole does
 
@@ -619,8 +637,9 @@ def _labelled(input_ids: list[int], offsets: list[tuple[int, int]], rendered: Re
 def template_renderer(tokenizer, chat_template: str | None = None, **template_kwargs):
     """``render(messages, add_generation_prompt, tools=None) -> str`` with the tokenizer's chat template (or
     ``chat_template``), as transformers renders it: ``tools`` (JSON schemas) are given to the template, and a
-    message's reasoning under the name the template reads (``reasoning_content`` or ``thinking``, whichever the
-    message has). A message with reasoning is an error for a template that renders none."""
+    message's reasoning (``reasoning_content`` or ``thinking``, whichever it has) as the template reads it: under its
+    field, or, for a template that reads reasoning from the content (DeepSeek-R1's), before the content as
+    ``<think>\nREASONING\n</think>\n\n``. A message with reasoning is an error for a template that reads none."""
 
     def render(messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None = None) -> str:
         template = tokenizer.get_chat_template(chat_template, tools)
@@ -639,15 +658,16 @@ def template_renderer(tokenizer, chat_template: str | None = None, **template_kw
 @functools.lru_cache(maxsize=16)
 def _reasoning_key(template: str) -> str | None:
     """The field of a message that ``template`` reads its reasoning from (``message.thinking``,
-    ``message['reasoning_content']``, ...), or ``None``."""
+    ``message['reasoning_content']``, ...), ``content`` for a template that finds it in the content (splits the
+    content at ``</think>``), or ``None``."""
     for key in REASONING_KEYS:
         if re.search(rf"""(\.|\[\s*['"]){key}\b""", template):
             return key
-    return None
+    return "content" if "</think>" in template else None
 
 
 def _with_reasoning_key(messages: list[dict], key: str | None) -> list[dict]:
-    """``messages`` with each message's reasoning under ``key``."""
+    """``messages`` with each message's reasoning where ``key`` (from :func:`_reasoning_key`) says."""
     if not any(name in message for message in messages for name in REASONING_KEYS):
         return messages
     renamed = []
@@ -656,12 +676,15 @@ def _with_reasoning_key(messages: list[dict], key: str | None) -> list[dict]:
         if found is not None and key is None:
             raise RenderError(
                 f"message {i} has reasoning ({found[0]!r}), which the chat template does not render (it reads no "
-                f"{' or '.join(REASONING_KEYS)} field): use a template that renders reasoning (data.chat_template), "
-                "or remove the field"
+                f"{' or '.join(REASONING_KEYS)} field, nor a think block in the content): use a template that "
+                "renders reasoning (data.chat_template), or remove the field"
             )
         if found is not None and any(name in message for name in REASONING_KEYS if name != key):
             message = {name: value for name, value in message.items() if name not in REASONING_KEYS}
-            message[key] = found[1]
+            if key == "content":
+                message["content"] = f"<think>\n{found[1]}\n</think>\n\n{message.get('content') or ''}"
+            else:
+                message[key] = found[1]
         renamed.append(message)
     return renamed
 

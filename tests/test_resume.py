@@ -20,9 +20,9 @@ from test_cli import assert_one_line_error
 SIGKILL_STATUS = -9
 
 
-def make_rows(count: int) -> tuple[list[list[int]], list[int]]:
-    rows = [[2 * n, 2 * n + 1] for n in range(count)]
-    return rows, [1 + (n % 5) for n in range(2 * count)]
+def make_packs(count: int) -> tuple[list[list[int]], list[int]]:
+    packs = [[2 * n, 2 * n + 1] for n in range(count)]
+    return packs, [1 + (n % 5) for n in range(2 * count)]
 
 
 # ---------------------------------------------------------------- the sampler's position in its epoch
@@ -30,35 +30,35 @@ def make_rows(count: int) -> tuple[list[list[int]], list[int]]:
 
 @pytest.mark.parametrize("epoch,taken", [(0, 0), (0, 4), (3, 7)])
 def test_plan_sampler_resumes_at_the_next_micro_batch(epoch, taken):
-    rows, loss_counts = make_rows(30)
-    before = PlanSampler(rows, loss_counts, batch_size=2, accumulate=2, seed=5)
+    packs, loss_counts = make_packs(30)
+    before = PlanSampler(packs, loss_counts, batch_size=2, accumulate=2, seed=5)
     before.set_epoch(epoch)
     iterator = iter(before)
     seen = [next(iterator) for _ in range(taken)]
     state = before.state_dict()
-    after = PlanSampler(rows, loss_counts, batch_size=2, accumulate=2, seed=5)
+    after = PlanSampler(packs, loss_counts, batch_size=2, accumulate=2, seed=5)
     after.load_state_dict(state)
     after.set_epoch(epoch)  # what Lightning does after loading, before the first batch
-    expected = plan_epoch(rows, loss_counts, batch_size=2, accumulate=2, seed=5, epoch=epoch)
+    expected = plan_epoch(packs, loss_counts, batch_size=2, accumulate=2, seed=5, epoch=epoch)
     assert seen + list(after) == expected
     assert list(after) == expected  # the position applies to one iteration only
 
 
 def test_plan_sampler_state_of_a_finished_epoch_starts_the_next():
-    rows, loss_counts = make_rows(12)
-    before = PlanSampler(rows, loss_counts, batch_size=3, seed=1)
+    packs, loss_counts = make_packs(12)
+    before = PlanSampler(packs, loss_counts, batch_size=3, seed=1)
     before.set_epoch(2)
     assert len(list(before)) == len(before)
-    after = PlanSampler(rows, loss_counts, batch_size=3, seed=1)
+    after = PlanSampler(packs, loss_counts, batch_size=3, seed=1)
     after.load_state_dict(before.state_dict())
     assert after.epoch == 3
-    assert list(after) == plan_epoch(rows, loss_counts, batch_size=3, seed=1, epoch=3)
+    assert list(after) == plan_epoch(packs, loss_counts, batch_size=3, seed=1, epoch=3)
 
 
 def test_plan_sampler_state_between_epochs_is_the_start_of_the_new_one():
     """Lightning sets the next epoch before it starts iterating: a checkpoint in between starts that epoch."""
-    rows, loss_counts = make_rows(12)
-    sampler = PlanSampler(rows, loss_counts, batch_size=3, seed=1)
+    packs, loss_counts = make_packs(12)
+    sampler = PlanSampler(packs, loss_counts, batch_size=3, seed=1)
     list(sampler)
     sampler.set_epoch(1)
     assert sampler.state_dict()["epoch"] == 1 and sampler.state_dict()["yielded"] == 0
@@ -73,11 +73,11 @@ def test_plan_sampler_state_between_epochs_is_the_start_of_the_new_one():
     ],
 )
 def test_plan_sampler_refuses_the_state_of_another_plan(change, named):
-    rows, loss_counts = make_rows(30)
+    packs, loss_counts = make_packs(30)
     settings = dict(batch_size=2, accumulate=2, seed=5)
-    state = PlanSampler(rows, loss_counts, **settings).state_dict()
+    state = PlanSampler(packs, loss_counts, **settings).state_dict()
     with pytest.raises(UserError, match="another data plan") as error:
-        PlanSampler(rows, loss_counts, **{**settings, **change}).load_state_dict(state)
+        PlanSampler(packs, loss_counts, **{**settings, **change}).load_state_dict(state)
     assert named in str(error.value)
 
 
@@ -85,10 +85,10 @@ def test_plan_sampler_refuses_the_state_of_another_plan(change, named):
 def test_stateful_loader_saves_the_sampler_position(num_workers):
     """torchdata's loader carries the sampler's state (with workers too), as Lightning saves it in a checkpoint; a
     resumed run's loader starts from a new sampler, whose epoch Lightning sets only after the iterator exists."""
-    rows, loss_counts = make_rows(20)
+    packs, loss_counts = make_packs(20)
 
     def loader():
-        sampler = PlanSampler(rows, loss_counts, batch_size=2, seed=3)
+        sampler = PlanSampler(packs, loss_counts, batch_size=2, seed=3)
         return StatefulDataLoader(RowsOf(), sampler=sampler, batch_size=None, num_workers=num_workers)
 
     first = loader()
@@ -106,10 +106,10 @@ def test_stateful_loader_saves_the_sampler_position(num_workers):
 
 
 class RowsOf:
-    """A map-style data set indexed by micro-batches: returns their rows."""
+    """A map-style data set indexed by micro-batches: returns their packs."""
 
     def __getitem__(self, micro_batch):
-        return micro_batch.rows
+        return micro_batch.packs
 
 
 # ---------------------------------------------------------------- random states

@@ -190,10 +190,10 @@ def data_report(data: InstructDataModule) -> dict:
     def rows_of(sources: list[Source]) -> int:
         return sum(len(load_rows(source)) for source in sources)
 
-    def stats(samples, packed_rows, rows=None, held_out=0, dropped=None) -> dict:
+    def stats(samples, packs, rows=None, held_out=0, dropped=None) -> dict:
         result = sample_stats(samples, rows, held_out, dropped)
         if data.packing:
-            result["packed_rows"] = len(packed_rows)
+            result["packed_rows"] = len(packs)
         return result
 
     held_out = len(data.val_samples) if data.val_samples is not None and not data.val_sources else 0
@@ -204,7 +204,7 @@ def data_report(data: InstructDataModule) -> dict:
         "max_length": data.max_length,
         "packing": data.packing,
         "train": {
-            **stats(data.train_samples, data.train_rows, rows_of(data.sources), held_out, sum(reasons.values())),
+            **stats(data.train_samples, data.train_packs, rows_of(data.sources), held_out, sum(reasons.values())),
             "dropped_reasons": reasons,
         },
         "validation": None,
@@ -215,9 +215,9 @@ def data_report(data: InstructDataModule) -> dict:
         ]
     if data.val_samples is not None:
         val_rows = rows_of(data.val_sources) if data.val_sources else None  # else held out from the training rows
-        report["validation"] = stats(data.val_samples, data.val_rows, val_rows)
+        report["validation"] = stats(data.val_samples, data.val_packs, val_rows)
     if data.test_sources:
-        report["test"] = stats(data.test_samples, data.test_rows, rows_of(data.test_sources))
+        report["test"] = stats(data.test_samples, data.test_packs, rows_of(data.test_sources))
     return report
 
 

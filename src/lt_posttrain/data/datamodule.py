@@ -35,7 +35,7 @@ class InstructDataModule(L.LightningDataModule):
         val_fraction: without ``val_sources``, hold out this fraction of the training conversations.
         test_sources: data for ``lt-posttrain test`` and ``predict`` (default: the validation data).
         max_length: tokens per sample; longer samples are cut (and counted). With ``packing``, tokens per row.
-        batch_size: samples per micro-batch (rows per micro-batch with ``packing``).
+        batch_size: samples per micro-batch (packed rows per micro-batch with ``packing``).
         packing: pack samples best-fit into rows of ``max_length`` tokens, each attending only to itself.
         shuffle: reshuffle the training order every epoch.
         seed: seed of the shuffling, of the validation hold-out and of the weighted mix.
@@ -105,9 +105,9 @@ class InstructDataModule(L.LightningDataModule):
                 "data.sources (type, role_mapping, columns) and data.max_length"
             )
         self.test_samples = self.tokenize(self.test_sources)[0] if self.test_sources else self.val_samples
-        self.train_rows = self._rows(self.train_samples)
-        self.val_rows = self._rows(self.val_samples) if self.val_samples is not None else None
-        self.test_rows = self._rows(self.test_samples) if self.test_samples is not None else None
+        self.train_packs = self._packs(self.train_samples)
+        self.val_packs = self._packs(self.val_samples) if self.val_samples is not None else None
+        self.test_packs = self._packs(self.test_samples) if self.test_samples is not None else None
         self._report()
 
     def tokenize(self, sources: list[Source]):
@@ -145,15 +145,15 @@ class InstructDataModule(L.LightningDataModule):
             how = "repeated" if drawn > available else "subsampled" if drawn < available else "all"
             rank_zero_info(f"data mix: {drawn} samples from {name!r} ({available} available, {how})")
 
-    def _rows(self, samples) -> list[list[int]]:
+    def _packs(self, samples) -> list[list[int]]:
         if not self.packing:
             return [[index] for index in range(len(samples))]
         return pack_best_fit(samples["length"][:], self.max_length)
 
-    def _loader(self, samples, rows, train: bool) -> StatefulDataLoader:
+    def _loader(self, samples, packs, train: bool) -> StatefulDataLoader:
         trainer = self.trainer
         sampler = PlanSampler(
-            rows=rows,
+            packs=packs,
             loss_counts=samples["loss_count"][:],
             batch_size=self.batch_size,
             accumulate=trainer.accumulate_grad_batches if train and trainer else 1,
@@ -174,15 +174,15 @@ class InstructDataModule(L.LightningDataModule):
         )  # fmt: skip
 
     def train_dataloader(self):
-        return self._loader(self.train_samples, self.train_rows, train=True)
+        return self._loader(self.train_samples, self.train_packs, train=True)
 
     def val_dataloader(self):
-        return self._loader(self.val_samples, self.val_rows, train=False) if self.val_samples is not None else []
+        return self._loader(self.val_samples, self.val_packs, train=False) if self.val_samples is not None else []
 
     def test_dataloader(self):
         if self.test_samples is None:
             raise UserError("nothing to test on: set data.test_sources, data.val_sources or data.val_fraction")
-        return self._loader(self.test_samples, self.test_rows, train=False)
+        return self._loader(self.test_samples, self.test_packs, train=False)
 
     def predict_dataloader(self):
         """The test (else validation) conversations as prompts, for greedy generation of their last answer."""

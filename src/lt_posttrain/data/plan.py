@@ -1,9 +1,9 @@
-"""Stage 4b: rows are grouped into micro-batches, dealt to ranks, and each knows its optimizer step's loss count.
+"""Stage 4b: packs are grouped into micro-batches, dealt to ranks, and each knows its optimizer step's loss count.
 
-The plan of an epoch is a pure function of the rows, the seed and the epoch. Global micro-batch ``g`` goes to rank
+The plan of an epoch is a pure function of the packs, the seed and the epoch. Global micro-batch ``g`` goes to rank
 ``g % world_size``; with ``accumulate`` micro-batches per optimizer step, step ``k`` covers global micro-batches
 ``[k * accumulate * world_size, (k + 1) * accumulate * world_size)`` whatever the split into micro-batch size,
-accumulation and ranks: the same rows give the same optimizer steps.
+accumulation and ranks: the same packs give the same optimizer steps.
 
 ``PlanSampler`` remembers how far into its epoch it is (``state_dict``), so that a resumed run continues at the next
 micro-batch of the same epoch's plan.
@@ -20,16 +20,16 @@ from lt_posttrain.errors import UserError
 
 @dataclass(frozen=True)
 class MicroBatch:
-    """What one micro-batch holds: ``rows`` of sample indices; ``loss_count`` loss tokens of its own and
+    """What one micro-batch holds: ``packs`` of sample indices; ``loss_count`` loss tokens of its own and
     ``step_loss_count`` in this rank's share of its optimizer step (the model sums the latter over ranks)."""
 
-    rows: tuple[tuple[int, ...], ...]
+    packs: tuple[tuple[int, ...], ...]
     loss_count: int
     step_loss_count: int
 
 
 def plan_epoch(
-    rows: list[list[int]],
+    packs: list[list[int]],
     loss_counts: list[int],
     batch_size: int,
     accumulate: int = 1,
@@ -43,32 +43,32 @@ def plan_epoch(
     """This rank's micro-batches of one epoch.
 
     Args:
-        rows: sample indices per row (one sample per row when not packing).
+        packs: sample indices per pack (the samples of one packed row; one sample per pack when not packing).
         loss_counts: loss tokens of each sample.
-        batch_size: rows per micro-batch.
+        batch_size: packs per micro-batch.
         accumulate: micro-batches per optimizer step.
-        shuffle, seed, epoch: the rows are shuffled with ``seed + epoch``.
+        shuffle, seed, epoch: the packs are shuffled with ``seed + epoch``.
         even: drop the last global micro-batches that do not fill one per rank, so every rank runs the same
             number of steps (training); keep them for evaluation.
     """
-    order = list(range(len(rows)))
+    order = list(range(len(packs)))
     if shuffle:
         random.Random(seed + epoch).shuffle(order)
     chunks = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     if even:
         chunks = chunks[: len(chunks) // world_size * world_size]
     mine = chunks[rank::world_size]
-    counts = [sum(loss_counts[i] for row in chunk for i in rows[row]) for chunk in mine]
+    counts = [sum(loss_counts[i] for pack in chunk for i in packs[pack]) for chunk in mine]
     plan = []
     for start in range(0, len(mine), accumulate):
         step_count = sum(counts[start : start + accumulate])
         for chunk, count in zip(mine[start : start + accumulate], counts[start : start + accumulate]):
-            plan.append(MicroBatch(tuple(tuple(rows[row]) for row in chunk), count, step_count))
+            plan.append(MicroBatch(tuple(tuple(packs[pack]) for pack in chunk), count, step_count))
     return plan
 
 
 _PLAN_NAMES = {
-    "rows": "training rows", "loss_tokens": "loss tokens", "batch_size": "data.batch_size",
+    "packs": "packs of training samples", "loss_tokens": "loss tokens", "batch_size": "data.batch_size",
     "accumulate": "trainer.accumulate_grad_batches", "world_size": "ranks", "shuffle": "data.shuffle",
     "seed": "data.seed",
 }  # fmt: skip
@@ -83,17 +83,17 @@ class PlanSampler(DistributedSampler):
     the next micro-batch. Every rank runs the same number of micro-batches, so one rank's state fits them all.
     """
 
-    def __init__(self, rows, loss_counts, batch_size, accumulate=1, rank=0, world_size=1, shuffle=True, seed=0, even=True):
+    def __init__(self, packs, loss_counts, batch_size, accumulate=1, rank=0, world_size=1, shuffle=True, seed=0, even=True):
         self.plan_args = dict(
-            rows=rows, loss_counts=loss_counts, batch_size=batch_size, accumulate=accumulate, rank=rank,
+            packs=packs, loss_counts=loss_counts, batch_size=batch_size, accumulate=accumulate, rank=rank,
             world_size=world_size, shuffle=shuffle, seed=seed, even=even,
         )  # fmt: skip
         self.num_replicas, self.rank, self.shuffle, self.seed, self.epoch = world_size, rank, shuffle, seed, 0
-        global_batches = math.ceil(len(rows) / batch_size)
+        global_batches = math.ceil(len(packs) / batch_size)
         self.num_samples = global_batches // world_size if even else len(range(rank, global_batches, world_size))
         self.total_size = self.num_samples * world_size
         self.plan_identity = {
-            "rows": len(rows), "loss_tokens": sum(loss_counts), "batch_size": batch_size, "accumulate": accumulate,
+            "packs": len(packs), "loss_tokens": sum(loss_counts), "batch_size": batch_size, "accumulate": accumulate,
             "world_size": world_size, "shuffle": shuffle, "seed": seed,
         }  # fmt: skip
         self.yielded = 0  # micro-batches of the current epoch handed out so far
@@ -129,10 +129,11 @@ class PlanSampler(DistributedSampler):
         Raises:
             UserError: ``state`` comes from a plan of other data, batching, ranks or seed.
         """
+        saved = {("packs" if key == "rows" else key): value for key, value in state["plan"].items()}  # older name
         changed = [
-            f"{_PLAN_NAMES[key]} {state['plan'].get(key)}, now {value}"
+            f"{_PLAN_NAMES[key]} {saved.get(key)}, now {value}"
             for key, value in self.plan_identity.items()
-            if state["plan"].get(key) != value
+            if saved.get(key) != value
         ]
         if changed:
             raise UserError(

@@ -7,7 +7,8 @@ import torch
 from conftest import gsm8k_chats, write_jsonl
 from lt_posttrain import run
 from lt_posttrain.errors import UserError
-from lt_posttrain.training.precision import lost_update_warning, resolve_optimizer, rounding_step
+from lt_posttrain.training.optimizer import lost_update_warning, resolve_optimizer
+from lt_posttrain.training.precision import rounding_step
 
 STEPS, LEARNING_RATE = 50, 1e-5
 

@@ -5,7 +5,8 @@ import torch
 
 from conftest import gsm8k_chats, write_jsonl
 from lt_posttrain import run
-from lt_posttrain.callbacks.throughput import ThroughputMeter, matmul_parameters, sample_lengths
+from lt_posttrain.batch import sample_lengths
+from lt_posttrain.callbacks.throughput import ThroughputMeter, matmul_parameters
 from lt_posttrain.data.collate import collate_packed, collate_padded
 
 

@@ -1,6 +1,14 @@
-"""Helpers for testing trainers and plugins on CPU in seconds: a tiny random Llama that uses a real tokenizer."""
+"""Helpers for testing trainers and plugins on CPU in seconds: a tiny random Llama that uses a real tokenizer, and
+what a test needs to run a strategy by hand in several processes (Lightning runs DeepSpeed and FSDP on CUDA only).
+
+Part of the public surface for tests (``docs/plugins.md``): a plugin's tests may import these; its package may not.
+"""
 
 from pathlib import Path
+
+from lt_posttrain.training.strategy import leave_process_group, prepare_strategy
+
+__all__ = ["leave_process_group", "prepare_strategy", "save_tiny_llama"]
 
 
 def save_tiny_llama(folder, tokenizer, seed: int = 0) -> Path:

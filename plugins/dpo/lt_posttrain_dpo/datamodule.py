@@ -2,10 +2,7 @@
 
 import torch
 
-from lt_posttrain import InstructDataModule
-from lt_posttrain.data.collate import collate_packed, collate_padded
-from lt_posttrain.data.dataset import MicroBatchDataset, load_samples
-from lt_posttrain.data.plan import MicroBatch
+from lt_posttrain import InstructDataModule, MicroBatch, MicroBatchDataset, collate_packed, collate_padded, load_samples
 from lt_posttrain_dpo.pairs import REFERENCE_COLUMNS
 from lt_posttrain_dpo.tokenize import SIDES, tokenize_pairs
 
@@ -16,8 +13,8 @@ class PreferenceDataModule(InstructDataModule):
 
     A pair is one training unit: the validation hold-out, the weighted mix, shuffling and packing move whole pairs,
     and a micro-batch holds each of its pairs' chosen answer followed by its rejected answer. So ``batch_size``
-    counts pairs (with ``packing``: rows of whole pairs, up to ``max_length`` tokens, a longer pair alone in its
-    row), and ``max_length`` applies to each prompt-and-answer sequence. A pair's ``loss_count`` is 1, so the step's
+    counts pairs (with ``packing``: packed rows of whole pairs, up to ``max_length`` tokens, a longer pair alone in
+    its row), and ``max_length`` applies to each prompt-and-answer sequence. A pair's ``loss_count`` is 1, so the step's
     loss is divided by its number of pairs (``data prepare`` counts them as its 'loss tokens').
     """
 
@@ -35,7 +32,7 @@ class PairBatchDataset(MicroBatchDataset):
     counts (``loss_count``, ``step_loss_count``) of the plan."""
 
     def __getitem__(self, micro_batch: MicroBatch) -> dict:
-        pairs = self.samples[[index for row in micro_batch.rows for index in row]]
+        pairs = self.samples[[index for pack in micro_batch.packs for index in pack]]
         sequences = [
             {"input_ids": pairs[f"{side}_input_ids"][pair], "labels": pairs[f"{side}_labels"][pair]}
             for pair in range(len(pairs["length"]))

@@ -3,34 +3,12 @@
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100  # the target of positions without loss
+from lt_posttrain import Batch, sequence_logps
 
 
-def sequence_logps(logits: torch.Tensor, batch: dict) -> torch.Tensor:
-    """The log-probability of each sequence's answer: the sum over its positions with a target of
-    ``log p(target)``, in float32.
-
-    Args:
-        logits: ``[sequences, length, vocab]`` (padded) or ``[1, tokens, vocab]`` (packed).
-        batch: its ``targets`` (``-100`` where no loss) and, when packed, ``cu_seq_lens_q`` (sequence boundaries).
-
-    Returns:
-        ``[sequences]``.
-    """
-    targets = batch["targets"]
-    # 0 at positions without a target
-    token_logps = -F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
-                                   reduction="none")  # fmt: skip
-    if "cu_seq_lens_q" not in batch:
-        return token_logps.view(targets.shape).sum(-1)
-    bounds = batch["cu_seq_lens_q"].long()
-    sequence_of_token = torch.repeat_interleave(torch.arange(len(bounds) - 1, device=bounds.device), bounds.diff())
-    return token_logps.new_zeros(len(bounds) - 1).index_add(0, sequence_of_token.to(token_logps.device), token_logps)
-
-
-def pair_logps(logits: torch.Tensor, batch: dict) -> torch.Tensor:
-    """:func:`sequence_logps` as ``[pairs, 2]``: a batch of pairs holds each pair's chosen answer, then its rejected
-    one."""
+def pair_logps(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Each answer's log-probability (``lt_posttrain.sequence_logps``: the sum of ``log p(target)`` over its tokens)
+    as ``[pairs, 2]``: a batch of pairs holds each pair's chosen answer, then its rejected one."""
     return sequence_logps(logits, batch).view(-1, 2)
 
 

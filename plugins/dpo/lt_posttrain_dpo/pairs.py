@@ -4,7 +4,7 @@
 import math
 from dataclasses import dataclass
 
-from lt_posttrain.data.source_types.messages import MessagesSourceType
+from lt_posttrain import MessagesSourceType
 
 REFERENCE_COLUMNS = ("reference_chosen_logp", "reference_rejected_logp")
 
@@ -43,7 +43,7 @@ class PreferencePairsSourceType(MessagesSourceType):
         """The prompt and both answers of ``row`` (``index`` is its position, for error messages)."""
         keys = self.source.options.get("chosen_key", "chosen"), self.source.options.get("rejected_key", "rejected")
         settings = ("options.chosen_key", "options.rejected_key")
-        chosen, rejected = (self._turns(self.column(row, key, index, setting), index, key)
+        chosen, rejected = (self.answer_turns(self.column(row, key, index, setting), index, key)
                             for key, setting in zip(keys, settings))  # fmt: skip
         shared = next((n for n, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
         if shared:
@@ -73,15 +73,3 @@ class PreferencePairsSourceType(MessagesSourceType):
             f"no prompt: give a {self.source.messages_column!r} column of turns or a {prompt_key!r} column of text "
             "(input_key), or chosen and rejected as whole conversations",
         )
-
-    def _turns(self, value, index: int, key: str) -> list[dict]:
-        if isinstance(value, str):
-            return [{"role": "assistant", "content": value}]
-        role_key, content_key = self.source.role_key, self.source.content_key
-        if not isinstance(value, list) or not all(
-            isinstance(turn, dict) and isinstance(turn.get(role_key), str) and isinstance(turn.get(content_key), str)
-            for turn in value
-        ):
-            raise self.error(index, f"{key!r} must be text or a list of {{{role_key!r}, {content_key!r}}} turns, got "
-                                    f"{value!r:.60}")  # fmt: skip
-        return [{"role": turn[role_key], "content": turn[content_key]} for turn in value]

@@ -25,7 +25,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
-from lt_posttrain.training.strategy import leave_process_group  # noqa: E402
+from lt_posttrain.testing import leave_process_group  # noqa: E402
 from lt_posttrain_dpo import DPOModule  # noqa: E402
 
 
@@ -65,7 +65,7 @@ def zero3(module: DPOModule, world_size: int) -> tuple[Callable, dict]:
     import deepspeed
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
-    from lt_posttrain.training.strategy import prepare_strategy
+    from lt_posttrain.testing import prepare_strategy
 
     # The shared-memory all-reduce is an optional op that DeepSpeed would compile first (minutes); gloo does it.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
@@ -102,8 +102,6 @@ def fsdp(module: DPOModule, world_size: int) -> tuple[Callable, dict]:
     from lightning.pytorch.strategies import FSDPStrategy
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    from lt_posttrain.training.optimizer import build_optimizer
-
     torch.distributed.init_process_group("gloo")
     environment, precision = TorchElasticEnvironment(), FSDPPrecision("32-true")
     strategy = FSDPStrategy(parallel_devices=[torch.device("cpu")] * world_size, cluster_environment=environment,
@@ -116,8 +114,7 @@ def fsdp(module: DPOModule, world_size: int) -> tuple[Callable, dict]:
                                        mixed_precision=strategy.mixed_precision_config,
                                        sharding_strategy=strategy.sharding_strategy, device_id=strategy.root_device,
                                        **strategy.kwargs)  # fmt: skip
-    hp = module.hparams
-    optimizer = build_optimizer("adamw", module.model, hp.learning_rate, hp.weight_decay)  # as configure_optimizers
+    optimizer = module.build_optimizer()  # as configure_optimizers: adamw for the fp32 weights
 
     def step(batch: dict) -> torch.Tensor:
         loss = wrapped(batch).mean()

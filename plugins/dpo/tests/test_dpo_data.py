@@ -7,9 +7,7 @@ import pytest
 from dpo_rows import gsm8k_pairs, write_jsonl
 from lt_posttrain_dpo import Pair, PreferenceDataModule
 
-from lt_posttrain import Source
-from lt_posttrain.data.source_types import load_source_type
-from lt_posttrain.errors import UserError
+from lt_posttrain import Source, UserError, is_packed, load_source_type
 
 USER, ASSISTANT = "user", "assistant"
 
@@ -89,7 +87,7 @@ def test_pairs_stay_together(tokenizer, tmp_path, packing):
 
 
 def split_sequences(batch) -> list[list[int]]:
-    if "cu_seq_lens_q" in batch:
+    if is_packed(batch):
         bounds, ids = batch["cu_seq_lens_q"].tolist(), batch["input_ids"][0].tolist()
         return [ids[start:end] for start, end in zip(bounds, bounds[1:])]
     return [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]

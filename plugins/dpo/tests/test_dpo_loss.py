@@ -7,7 +7,7 @@ import pytest
 import torch
 from lt_posttrain_dpo import dpo_loss, sequence_logps
 
-from lt_posttrain.data.collate import collate_packed, collate_padded
+from lt_posttrain import collate_packed, collate_padded
 
 
 def test_loss_is_log_2_where_policy_equals_reference():

@@ -1,6 +1,6 @@
 """``type: alpaca``: Stanford Alpaca's rows, ``{"instruction", "input", "output"}``, as conversations."""
 
-from lt_posttrain.data.source_types.base import SourceType
+from lt_posttrain import SourceType
 
 
 class AlpacaSourceType(SourceType):

@@ -3,9 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from lt_posttrain import SFTModule
-
-IGNORE_INDEX = -100  # the target of positions without loss
+from lt_posttrain import IGNORE_INDEX, Batch, SFTModule
 
 
 class LabelSmoothingSFT(SFTModule):
@@ -20,7 +18,7 @@ class LabelSmoothingSFT(SFTModule):
         super().__init__(*args, **kwargs)
         self.smoothing = smoothing
 
-    def loss(self, batch: dict) -> torch.Tensor:
+    def loss(self, batch: Batch) -> torch.Tensor:
         """The *sum* of the micro-batch's token losses (the framework divides by the step's loss-token count)."""
         logits = self(batch)  # [batch, sequence, vocab], padded or packed alike
         losses = F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(), ignore_index=IGNORE_INDEX,

@@ -9,9 +9,7 @@ import pytest
 import torch
 from lt_posttrain_example import AlpacaSourceType, LabelSmoothingSFT
 
-from lt_posttrain import InstructDataModule, Source
-from lt_posttrain.data.source_types import load_source_type
-from lt_posttrain.errors import UserError
+from lt_posttrain import InstructDataModule, Source, UserError, load_source_type
 
 
 def first_batch(model_dir, alpaca_file, tokenizer) -> dict:

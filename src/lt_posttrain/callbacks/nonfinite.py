@@ -7,6 +7,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from lt_posttrain.errors import UserError
+from lt_posttrain.training.optimizer_in_backward import StepsInBackward
+from lt_posttrain.training.strategy import DEEPSPEED, distribution
 
 
 class NonFiniteLossError(UserError):
@@ -39,7 +41,7 @@ class NonFiniteLossGuard(L.Callback):
         self._flagged: Optional[torch.optim.Optimizer] = None  # the optimizer given a found_inf for its next step
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self.action == "skip" and "deepspeed" in type(trainer.strategy).__name__.lower():
+        if self.action == "skip" and distribution(trainer.strategy).family == DEEPSPEED:
             raise UserError("nonfinite_loss.action skip does not work with DeepSpeed: use stop (the default)")
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
@@ -119,8 +121,8 @@ class NonFiniteLossGuard(L.Callback):
         self.skipped_steps = state_dict.get("skipped_steps", 0)
 
 
-def _stepping_in_backward(trainer: L.Trainer) -> Optional[torch.optim.Optimizer]:
-    return next((each for each in trainer.optimizers if getattr(each, "steps_in_backward", False)), None)
+def _stepping_in_backward(trainer: L.Trainer) -> Optional[StepsInBackward]:
+    return next((each for each in trainer.optimizers if isinstance(each, StepsInBackward)), None)
 
 
 def skips_on_device(optimizer: torch.optim.Optimizer, trainer: L.Trainer) -> bool:

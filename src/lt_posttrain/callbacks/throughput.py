@@ -15,6 +15,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from lt_posttrain.batch import sample_lengths
 from lt_posttrain.training.sharding import full_shape
 
 
@@ -27,15 +28,6 @@ def matmul_parameters(model: torch.nn.Module) -> int:
         if isinstance(module, torch.nn.Linear) and weight is not None:
             total += math.prod(full_shape(model, f"{name}.weight", weight))
     return total
-
-
-def sample_lengths(batch: dict) -> torch.Tensor:
-    """Tokens of each sample of a packed (``cu_seq_lens_q``) or padded (``attention_mask``) micro-batch."""
-    if "cu_seq_lens_q" in batch:
-        return batch["cu_seq_lens_q"].diff()
-    if "attention_mask" in batch:
-        return batch["attention_mask"].sum(dim=-1)
-    return torch.tensor([batch["input_ids"].shape[-1]] * batch["input_ids"].shape[0], device=batch["input_ids"].device)
 
 
 class ThroughputMeter(L.Callback):

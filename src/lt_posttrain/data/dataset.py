@@ -1,14 +1,17 @@
 """The tokenized samples of a recipe's sources, and the micro-batches the plan asks for."""
 
 import hashlib
+import os
 from collections import Counter
 from itertools import islice
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import torch
 from jinja2.exceptions import TemplateError
 from torch.utils.data import Dataset
 
+from lt_posttrain.batch import IGNORE_INDEX
 from lt_posttrain.data.collate import collate_packed, collate_padded
 from lt_posttrain.data.plan import MicroBatch
 from lt_posttrain.data.source_types import RenderError, load_source_type
@@ -17,8 +20,10 @@ from lt_posttrain.data.tokenize import (
     TRAINED_ROLES,
     MaskError,
     Masking,
+    RenderedConversation,
     count_loss_tokens,
     render_conversation,
+    tokenize_rendered,
     tokenize_rendered_batch,
 )
 from lt_posttrain.errors import UserError
@@ -126,13 +131,18 @@ def tokenize_rows(
                 add(_EMPTY, 0, weight, reason)
         return out
 
-    template = chat_template or tokenizer.chat_template or ""
-    identity = (
-        f"{FORMAT_VERSION}|{rows._fingerprint}|{tokenizer.name_or_path}|{len(tokenizer)}|{template}|{max_length}|{overlong}|"
-        f"{source_format.identity()}"
-    )
+    identity = cache_identity(rows, source_format, tokenizer, chat_template, max_length, overlong)
     features = _features(weighted, by_token)
     return map_and_drop(rows, convert, features, identity, num_proc, f"Tokenizing {source.name_or_path}")
+
+
+def cache_identity(rows, source_type, tokenizer, chat_template, max_length: int, overlong: str, *versions: str) -> str:
+    """Everything the samples of ``rows`` depend on, for :func:`map_and_drop`'s cache: the rows, the tokenizer and
+    template, the options, the source type's settings, this module's :data:`FORMAT_VERSION` and the caller's
+    ``versions`` (bumped when its samples change)."""
+    template = chat_template or tokenizer.chat_template or ""
+    return "|".join([FORMAT_VERSION, *versions, rows._fingerprint, tokenizer.name_or_path, str(len(tokenizer)),
+                     template, str(max_length), overlong, source_type.identity()])  # fmt: skip
 
 
 def map_and_drop(rows, convert, features, identity: str, num_proc: Optional[int], desc: str):
@@ -168,6 +178,122 @@ def _features(weighted: bool, by_token: bool = False):
     if by_token:
         features["token_weights"] = datasets.Sequence(datasets.Value("float32"))
     return datasets.Features({**features, "dropped": datasets.Value("string")})
+
+
+# -- rows that are not one conversation: a prompt and answers to it, paired (DPO, a reward model) or labelled (KTO) --
+SPLIT_BY_TEMPLATE = "the chat template rewrites earlier turns, so an answer is not one sequence"
+
+
+def tokenize_answer(prompt: list[dict], answer: list[dict], render, tokenizer, max_length: int, where: str):
+    """``prompt + answer`` rendered as a conversation is (:func:`rendered_parts`) and tokenized, with labels on the
+    answer's assistant turns only (assistant turns of the prompt are context): ``{"input_ids", "labels",
+    "truncated"}``, or None when the template splits the conversation (it rewrites earlier turns). ``where`` names the
+    source and row in errors."""
+    parts = rendered_parts(prompt + answer, render, where)
+    if len(parts) > 1:
+        return None
+    if not parts:  # nothing to score
+        return {"input_ids": [], "labels": [], "truncated": 0}
+    text = parts[0].text
+    answer_start = len(os.path.commonprefix([render(prompt, True), text])) if prompt else 0
+    spans = [(max(start, answer_start), end) for start, end in parts[0].spans if end > answer_start]
+    return tokenize_rendered(RenderedConversation(text, spans), tokenizer, max_length)
+
+
+def first_label(labels: list[int]) -> int:
+    """The position of the first token with a label (where the answer starts in a :func:`tokenize_answer` sample),
+    or ``len(labels)`` if none has one."""
+    return next((position for position, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+
+
+@dataclass
+class RowTokenizer:
+    """What the rows of one source need to become token ids: its source type, the renderer (the type's own, else the
+    chat template) and the options. For data modules whose rows are not one conversation (see
+    :func:`tokenize_table`); make one with :meth:`of`.
+
+    Attributes:
+        source: the data source; ``source_type`` the source type reading its rows (a plugin's, with its own methods
+            such as ``pair(row, index)``); ``render`` its renderer.
+        tokenizer, chat_template, max_length, overlong: as the data module has them.
+    """
+
+    source: Source
+    source_type: Any
+    render: Callable
+    tokenizer: Any
+    chat_template: Optional[str]
+    max_length: int
+    overlong: str
+
+    @classmethod
+    def of(cls, source: Source, tokenizer, max_length: int, chat_template: Optional[str], overlong: str = "truncate"):
+        """The row tokenizer of ``source`` (its source type loaded, its renderer resolved)."""
+        source_type = load_source_type(source)
+        render = source_type.resolved_renderer(tokenizer, chat_template)
+        return cls(source, source_type, render, tokenizer, chat_template, max_length, overlong)
+
+    def where(self, index: int) -> str:
+        """Row ``index`` of the source, for error messages."""
+        return f"data source {self.source.name_or_path!r}, row {index}"
+
+    def answer(self, prompt: list[dict], answer: list[dict], index: int) -> Optional[dict]:
+        """:func:`tokenize_answer` of row ``index``'s ``prompt`` and ``answer``."""
+        return tokenize_answer(prompt, answer, self.render, self.tokenizer, self.max_length, self.where(index))
+
+    def drop_reason(self, samples: list[Optional[dict]]) -> str:
+        """Why a row whose answers gave ``samples`` (from :meth:`answer`) is left out, or ``""`` to keep it: a
+        template that splits a conversation (:data:`SPLIT_BY_TEMPLATE`), an answer without a labelled token within
+        ``max_length`` (:data:`NO_LOSS_TOKEN`), or one cut with ``overlong="drop"`` (:data:`LONGER_THAN_MAX`)."""
+        if any(sample is None for sample in samples):
+            return SPLIT_BY_TEMPLATE
+        if any(count_loss_tokens(sample["labels"]) == 0 for sample in samples):
+            return NO_LOSS_TOKEN
+        if self.overlong == "drop" and any(sample["truncated"] for sample in samples):
+            return LONGER_THAN_MAX
+        return ""
+
+
+def tokenize_table(rows, row_tokenizer: RowTokenizer, convert_row: Callable, features: dict, version: str,
+                   num_proc: Optional[int] = None):  # fmt: skip
+    """Stages 2 and 3 over a table for rows that each become one training unit of any shape (a pair of answers, a
+    labelled answer): ``convert_row(row, index)`` returns the unit's columns (every key of ``features``), or a drop
+    reason (a string, e.g. from :meth:`RowTokenizer.drop_reason`) to leave the row out. Cached as :func:`tokenize_rows`
+    is, so a second run with the same rows and options does no work.
+
+    Args:
+        rows: the source's table (``load_rows(source)``).
+        row_tokenizer: the source's :class:`RowTokenizer`.
+        convert_row: ``(row, index) -> dict | str``.
+        features: the columns' ``datasets`` features (a unit needs ``length``, its tokens, and ``loss_count``, what the
+            step's loss is divided by; ``input_ids`` and ``labels`` if the core's batches are made from it).
+        version: bump it when ``convert_row``'s results change, so cached results are not reused.
+        num_proc: processes that convert in parallel.
+
+    Returns:
+        ``(samples, dropped)`` as :func:`tokenize_rows` returns them.
+    """
+    import datasets
+
+    # what a dropped row holds until it is removed, before anyone reads it
+    empty = {column: "" if feature == datasets.Value("string") else 0 if isinstance(feature, datasets.Value) else []
+             for column, feature in features.items()}  # fmt: skip
+    features = datasets.Features({**features, "dropped": datasets.Value("string")})
+
+    def convert(batch, indices):
+        out = {column: [] for column in features}
+        for offset, index in enumerate(indices):
+            unit = convert_row({column: values[offset] for column, values in batch.items()}, index)
+            reason = unit if isinstance(unit, str) else ""
+            for column in empty:
+                out[column].append(empty[column] if reason else unit[column])
+            out["dropped"].append(reason)
+        return out
+
+    context = row_tokenizer
+    identity = cache_identity(rows, context.source_type, context.tokenizer, context.chat_template, context.max_length,
+                              context.overlong, version)  # fmt: skip
+    return map_and_drop(rows, convert, features, identity, num_proc, f"Tokenizing {context.source.name_or_path}")
 
 
 def load_samples(
@@ -227,11 +353,11 @@ class MicroBatchDataset(Dataset):
         self.samples, self.packing, self.pad_id = samples, packing, pad_id
 
     def __getitem__(self, micro_batch: MicroBatch) -> dict:
-        indices = [index for row in micro_batch.rows for index in row]
-        samples = self.samples[indices] if indices else {"input_ids": [], "labels": []}
-        columns = [column for column in ("input_ids", "labels", "weight", "token_weights") if column in samples]
-        rows = [dict(zip(columns, values)) for values in zip(*(samples[column] for column in columns))]
-        batch = collate_packed(rows) if self.packing else collate_padded(rows, self.pad_id)
+        indices = [index for pack in micro_batch.packs for index in pack]
+        columns = self.samples[indices] if indices else {"input_ids": [], "labels": []}
+        names = [name for name in ("input_ids", "labels", "weight", "token_weights") if name in columns]
+        samples = [dict(zip(names, values)) for values in zip(*(columns[name] for name in names))]
+        batch = collate_packed(samples) if self.packing else collate_padded(samples, self.pad_id)
         batch["loss_count"] = torch.tensor(micro_batch.loss_count)
         batch["step_loss_count"] = torch.tensor(micro_batch.step_loss_count)
         return batch

@@ -6,14 +6,15 @@ tokens of the whole optimizer step, over every micro-batch of the accumulation w
 gradient does not depend on the micro-batch size, the accumulation, packing or the number of GPUs.
 """
 
+import copy
 import math
-from typing import Literal, Optional, Union, get_args
+from typing import Literal, Optional, Union
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lt_posttrain.errors import UserError
+from lt_posttrain.batch import PACKED_KEYS, Batch
 from lt_posttrain.model.attention import VARLEN
 from lt_posttrain.model.kernels import FUSED_LOSS, LigerKernels, apply_liger_kernels, fused_loss_parts, require_liger
 from lt_posttrain.model.loading import import_model_code, load_causal_lm, load_tokenizer, resolve_model_path
@@ -24,33 +25,21 @@ from lt_posttrain.model.quantization import (
     check_quantization,
     is_quantized,
     prepare_quantized_for_training,
-    require_bitsandbytes,
 )
 from lt_posttrain.training.losses import (
     fused_linear_cross_entropy_sum,
     fused_loss_weighs_tokens,
     token_cross_entropy_sum,
 )
-from lt_posttrain.training.optimizer import (
-    BuiltInOptimizer,
-    OptimizerName,
-    Schedule,
-    build_optimizer,
-    build_schedule,
-    optimizer_class_of,
-    require_torchao,
-    warmup_steps_of,
-)
-from lt_posttrain.training.optimizer_in_backward import IN_BACKWARD, check_optimizer_in_backward
-from lt_posttrain.training.precision import (
-    clip_under_bf16_autocast,
-    keeps_master_weights,
-    lost_update_warning,
-    resolve_optimizer,
-)
-from lt_posttrain.training.sharding import fit_to_strategy, sharded_creation
+from lt_posttrain.training.optimizer import OptimizerName, OptimizerOptions, Schedule, build_schedule, warmup_steps_of
+from lt_posttrain.training.optimizer_in_backward import check_optimizer_in_backward
+from lt_posttrain.training.precision import clip_under_bf16_autocast
+from lt_posttrain.training.sharding import FrozenModel, fit_to_strategy, sharded_creation
+from lt_posttrain.training.strategy import distribution
 
-PACKED_KEYS = ("attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+# The attention inputs a batch may hold: varlen reads the packed layout's boundaries, the others the mask or positions.
+VARLEN_INPUTS = ("attention_mask", *PACKED_KEYS)
+DENSE_INPUTS = ("attention_mask", "position_ids")
 Dtype = Literal["float32", "bfloat16", "float16", "auto"]
 
 
@@ -117,22 +106,15 @@ class SFTModule(L.LightningModule):
         check_quantization(load_in_4bit, load_in_8bit, lora)
         if liger:
             require_liger()
-        if optimizer in ("adamw_8bit", "paged_adamw_8bit"):
-            require_bitsandbytes(f"model.optimizer {optimizer}")
-        elif optimizer == "adamw_stochastic":
-            require_torchao("model.optimizer adamw_stochastic")
-        elif optimizer not in get_args(BuiltInOptimizer):
-            optimizer_class_of(optimizer)  # a wrong import path fails now
-        if optimizer_in_backward and optimizer not in IN_BACKWARD:
-            raise UserError(f"model.optimizer_in_backward needs model.optimizer adamw_kahan (or auto) or "
-                            f"adamw_stochastic, not {optimizer}")  # fmt: skip
+        self.optimizer_options = OptimizerOptions(optimizer, optimizer_in_backward)
         self.tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
         import_model_code(name_or_path, trust_remote_code)  # outside ZeRO-3's zero.Init, which configure_model is in
         self.model = None
         self.liger_kernels: list[str] = []
+        self._frozen_models: list[FrozenModel] = []
 
     def setup(self, stage: str) -> None:
-        if stage == "fit" and self.hparams.optimizer_in_backward:
+        if stage == "fit" and self.optimizer_options.in_backward:
             check_optimizer_in_backward(self.trainer)
 
     # -- the model -------------------------------------------------------------------------------------------
@@ -168,30 +150,76 @@ class SFTModule(L.LightningModule):
         rank_zero_info(describe_parameter_counts(model))
         self.model = model
 
-    def model_inputs(self, batch: dict) -> dict:
+    def prepare_frozen_model(self, name_or_path: str) -> None:
+        """For :meth:`frozen_model` from another path, called in ``__init__``: a wrong path fails at once, in one
+        line, and a hub model's own code is imported now (outside ZeRO-3's creation context)."""
+        resolve_model_path(name_or_path)
+        import_model_code(name_or_path, self.hparams.trust_remote_code)
+
+    def frozen_model(self, name_or_path: Optional[str] = None) -> FrozenModel:
+        """A frozen model (a reference, a teacher) placed as the trained model is (:class:`FrozenModel`): under one
+        device or DDP a plain module that moves and casts with this one, under DeepSpeed ZeRO-3 partitioned and run
+        by an inference engine, under FSDP wrapped as the model. Call it in :meth:`configure_model`, after
+        ``super().configure_model()``; it is in neither ``parameters()`` (not trained) nor ``state_dict()`` (not
+        checkpointed), and always in eval mode.
+
+        Args:
+            name_or_path: a model to load as the trained one is (its ``dtype``, attention, remote-code setting; same
+                tokenizer; see :meth:`prepare_frozen_model`); default: a copy of the trained model as it is now (under
+                ZeRO-3, whose partitions do not copy, :meth:`build_model` again, with the same Liger kernels).
+        """
+        hp = self.hparams
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        with sharded_creation(strategy):
+            if name_or_path:
+                model = load_causal_lm(name_or_path, hp.dtype, hp.attn_implementation, hp.trust_remote_code)
+            elif distribution(strategy).zero3:
+                model = self.build_model()
+                if self.liger_kernels:
+                    apply_liger_kernels(model, self.liger)
+            else:
+                model = copy.deepcopy(self.model)
+        frozen = FrozenModel(model.eval().requires_grad_(False), strategy)
+        self._frozen_models.append(frozen)
+        return frozen
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for frozen in self.__dict__.get("_frozen_models", ()):
+            frozen.module.eval()  # a frozen model runs without dropout, always
+        return self
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        for frozen in self.__dict__.get("_frozen_models", ()):
+            if not frozen.sharded:  # the strategy places a sharded one
+                frozen.module._apply(fn, recurse)
+        return self
+
+    def model_inputs(self, batch: Batch) -> dict:
         """The keyword arguments of the model's forward for a padded or packed micro-batch."""
-        keys = PACKED_KEYS if self.hparams.attn_implementation == VARLEN else ("attention_mask", "position_ids")
+        keys = VARLEN_INPUTS if self.hparams.attn_implementation == VARLEN else DENSE_INPUTS
         return {
             "input_ids": batch["input_ids"],
             "use_cache": False,
             **{key: batch[key] for key in keys if key in batch},
         }
 
-    def forward(self, batch: dict) -> torch.Tensor:
+    def forward(self, batch: Batch) -> torch.Tensor:
         """Logits ``[batch, sequence, vocab]`` for a padded or packed micro-batch."""
         return self.model(**self.model_inputs(batch)).logits
 
-    def hidden_states(self, batch: dict) -> torch.Tensor:
+    def hidden_states(self, batch: Batch) -> torch.Tensor:
         """The final hidden states ``[batch, sequence, hidden]``, the output head's input (no logits computed)."""
         decoder, _, _ = fused_loss_parts(self.model)
         return decoder(**self.model_inputs(batch)).last_hidden_state
 
     # -- the loss: the one method a custom trainer overrides --------------------------------------------------
-    def loss(self, batch: dict) -> torch.Tensor:
+    def loss(self, batch: Batch) -> torch.Tensor:
         """The *sum* of the per-token losses of this micro-batch (not a mean: the step normalises).
 
-        ``batch["targets"]`` holds the token each position predicts (``-100`` where no loss); optional
-        ``batch["target_weights"]`` scales each position's loss.
+        ``batch`` (:class:`~lt_posttrain.batch.Batch`): ``batch["targets"]`` holds the token each position predicts
+        (``IGNORE_INDEX`` where no loss); optional ``batch["target_weights"]`` scales each position's loss.
         """
         targets, weights = batch["targets"], batch.get("target_weights")
         if self._fused_loss_applies(weights):
@@ -213,6 +241,8 @@ class SFTModule(L.LightningModule):
         return self.trainer.strategy.reduce(value, reduce_op="sum")
 
     def on_train_start(self) -> None:  # not on_train_epoch_start: Lightning skips it when resuming mid-epoch
+        # DeepSpeed's engine zeroes the gradients at its own boundary; elsewhere optimizer_step frees them
+        self._frees_gradients = not distribution(self.trainer.strategy).keeps_master_weights
         self._step_stats = torch.zeros(2, device=self.device)  # [loss of this step so far, input tokens]
         tokens_seen = getattr(self, "_tokens_seen", torch.zeros((), dtype=torch.float64))  # restored on resume
         self._tokens_seen = tokens_seen.to(self.device)
@@ -225,7 +255,7 @@ class SFTModule(L.LightningModule):
         if "tokens_seen" in checkpoint:
             self._tokens_seen = torch.tensor(checkpoint["tokens_seen"], dtype=torch.float64)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         step_loss_count = self._sum_over_ranks(batch["step_loss_count"].clone()).clamp(min=1)
         share = self.loss(batch) / step_loss_count  # this micro-batch's part of the step's token-mean loss
         self._step_stats += torch.stack([share.detach().float(), batch["num_tokens"].float()])
@@ -234,7 +264,7 @@ class SFTModule(L.LightningModule):
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        if not keeps_master_weights(self.trainer.strategy):  # DeepSpeed's engine zeroes them at its own boundary
+        if self._frees_gradients:
             # Free the gradients now: Lightning zeroes them only after the next forward, which then holds them too.
             optimizer.zero_grad(set_to_none=True)
 
@@ -255,7 +285,7 @@ class SFTModule(L.LightningModule):
     def _evaluation_start(self) -> None:
         self._eval_stats = torch.zeros(2, device=self.device, dtype=torch.float64)  # [loss sum, loss tokens]
 
-    def _evaluation_step(self, batch: dict) -> None:
+    def _evaluation_step(self, batch: Batch) -> None:
         self._eval_stats += torch.stack([self.loss(batch).detach().double(), batch["loss_count"].double()])
 
     def _evaluation_end(self, name: str) -> None:
@@ -266,7 +296,7 @@ class SFTModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._evaluation_start()
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._evaluation_step(batch)
 
     def on_validation_epoch_end(self) -> None:
@@ -275,7 +305,7 @@ class SFTModule(L.LightningModule):
     def on_test_epoch_start(self) -> None:
         self._evaluation_start()
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
         self._evaluation_step(batch)
 
     def on_test_epoch_end(self) -> None:
@@ -297,15 +327,17 @@ class SFTModule(L.LightningModule):
         ]
 
     # -- optimisation -------------------------------------------------------------------------------------------
-    def configure_optimizers(self):
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer over the model's trained weights: ``model.optimizer`` (``auto`` resolved for the weights'
+        dtype and the strategy), ``learning_rate`` and ``weight_decay``. To override for another optimizer; the
+        schedule is :meth:`configure_optimizers`'."""
         hp = self.hparams
         strategy = self._trainer.strategy if self._trainer is not None else None
-        in_backward = hp.optimizer_in_backward
-        name = IN_BACKWARD[hp.optimizer] if in_backward else resolve_optimizer(hp.optimizer, self.model, strategy)
-        warning = lost_update_warning(name, self.model, hp.learning_rate, strategy)
-        if warning:
-            rank_zero_warn(warning)
-        optimizer = build_optimizer(name, self.model, hp.learning_rate, hp.weight_decay, in_backward)
+        return self.optimizer_options.build(self.model, hp.learning_rate, hp.weight_decay, strategy)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = self.build_optimizer()
         total = self.total_optimizer_steps()
         scheduler = build_schedule(optimizer, hp.schedule, warmup_steps_of(total, hp.warmup), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,4 +1,5 @@
-"""Loss functions that return sums, so that the trainer can normalise once over the whole optimizer step."""
+"""Losses and log-probabilities of targets: losses return sums, so that the trainer normalises once over the whole
+optimizer step; log-probabilities come per token or per sample (the batch contract says where samples end)."""
 
 import inspect
 from typing import Optional
@@ -6,7 +7,14 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from lt_posttrain.batch import IGNORE_INDEX
+from lt_posttrain.batch import IGNORE_INDEX, Batch, sum_per_sample
+
+
+def _token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Flat ``[positions]`` cross-entropy in float32, 0 where the target is ``IGNORE_INDEX``."""
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    )
 
 
 def token_cross_entropy_sum(
@@ -17,12 +25,36 @@ def token_cross_entropy_sum(
     ``logits`` is ``[..., vocab]``, ``targets`` (already shifted: the token each position predicts) and ``weights``
     are ``[...]``. Computed in float32.
     """
-    losses = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
-    )
+    losses = _token_losses(logits, targets)
     if weights is not None:
         losses = losses * weights.reshape(-1)
     return losses.sum()
+
+
+def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``log p(target)`` at each position, in float32; 0 where the target is ``IGNORE_INDEX``.
+
+    Args:
+        logits: ``[..., vocab]``.
+        targets: ``[...]``, already shifted (the token each position predicts).
+
+    Returns:
+        ``targets``' shape.
+    """
+    return -_token_losses(logits, targets).view(targets.shape)
+
+
+def sequence_logps(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Each sample's log-probability of its targets: the sum of :func:`token_logps` over its positions, in float32.
+
+    Args:
+        logits: the model's output for ``batch``, ``[rows, length, vocab]`` (padded or packed alike).
+        batch: its ``targets`` and layout keys.
+
+    Returns:
+        ``[samples]``.
+    """
+    return sum_per_sample(token_logps(logits, batch["targets"]), batch)
 
 
 def fused_loss_weighs_tokens() -> bool:

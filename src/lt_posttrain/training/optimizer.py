@@ -1,20 +1,101 @@
-"""The optimizer (AdamW with decay only where it belongs: torch's fused one, a compensated or stochastically rounding
-one for bf16 weights, bitsandbytes' 8-bit ones, or the user's own class) and the learning-rate schedule."""
+"""The optimizer: which one a recipe asks for, decided once (:class:`OptimizerOptions`: checked as the trainer is built,
+``auto`` resolved once the weights exist), and how it is built (AdamW with decay only where it belongs: torch's fused
+one, a compensated or stochastically rounding one for bf16 weights, bitsandbytes' 8-bit ones, or the user's own
+class), and the learning-rate schedule."""
 
 import importlib
 import math
-from typing import Literal, Union, get_args
+from dataclasses import dataclass
+from typing import Any, Literal, Optional, Union, get_args
 
 import optimi
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from lt_posttrain.errors import UserError
+from lt_posttrain.model.quantization import require_bitsandbytes
 from lt_posttrain.training.optimizer_in_backward import AdamWInBackward, stochastic_adamw_in_backward
+from lt_posttrain.training.precision import low_precision_trainables, rounding_step
 from lt_posttrain.training.sharding import full_shape
+from lt_posttrain.training.strategy import distribution
 
 Schedule = Literal["cosine", "linear", "constant"]
 BuiltInOptimizer = Literal["auto", "adamw", "adamw_kahan", "adamw_stochastic", "adamw_8bit", "paged_adamw_8bit"]
 OptimizerName = Union[BuiltInOptimizer, str]  # a str: the import path of an Optimizer class
+
+UNCOMPENSATED = frozenset({"adamw", "adamw_8bit", "paged_adamw_8bit"})
+"""The built-in optimizers whose updates of bf16 weights round away when smaller than half a rounding step."""
+
+IN_BACKWARD = {"auto": "adamw_kahan", "adamw_kahan": "adamw_kahan", "adamw_stochastic": "adamw_stochastic"}
+"""``model.optimizer`` -> the optimizer that steps in the backward pass (``model.optimizer_in_backward``)."""
+
+
+@dataclass(frozen=True)
+class OptimizerOptions:
+    """The optimizer a recipe asks for, checked when it is made (a missing package, a wrong import path or a
+    combination that cannot run is one line before anything loads); the one place that knows the optimizers' names.
+
+    Args:
+        name: ``model.optimizer`` (``auto``, a built-in name, or the import path of an optimizer class).
+        in_backward: ``model.optimizer_in_backward``: each weight steps in the backward pass.
+    """
+
+    name: OptimizerName = "auto"
+    in_backward: bool = False
+
+    def __post_init__(self):
+        if self.name in ("adamw_8bit", "paged_adamw_8bit"):
+            require_bitsandbytes(f"model.optimizer {self.name}")
+        elif self.name == "adamw_stochastic":
+            require_torchao("model.optimizer adamw_stochastic")
+        elif self.name not in get_args(BuiltInOptimizer):
+            optimizer_class_of(self.name)  # a wrong import path fails now
+        if self.in_backward and self.name not in IN_BACKWARD:
+            raise UserError(f"model.optimizer_in_backward needs model.optimizer adamw_kahan (or auto) or "
+                            f"adamw_stochastic, not {self.name}")  # fmt: skip
+
+    def resolved(self, model: nn.Module, strategy: Any = None) -> str:
+        """The optimizer to build for ``model`` under ``strategy``: ``auto`` resolved (:func:`resolve_optimizer`)."""
+        return IN_BACKWARD[self.name] if self.in_backward else resolve_optimizer(self.name, model, strategy)
+
+    def build(self, model: nn.Module, learning_rate: float, weight_decay: float, strategy: Any = None):
+        """The optimizer over ``model``'s trained weights; warns (once, on rank 0) when it loses updates of bf16
+        weights (:func:`lost_update_warning`)."""
+        name = self.resolved(model, strategy)
+        warning = lost_update_warning(name, model, learning_rate, strategy)
+        if warning:
+            rank_zero_warn(warning)
+        return build_optimizer(name, model, learning_rate, weight_decay, self.in_backward)
+
+
+def resolve_optimizer(name: str, model: nn.Module, strategy: Any = None) -> str:
+    """``auto``: ``adamw_kahan`` when the trained weights are bf16/fp16 (``bf16-true``) and the strategy keeps no fp32
+    master weights of its own, else ``adamw``; any other name as it is."""
+    if name != "auto":
+        return name
+    if low_precision_trainables(model) and not distribution(strategy).keeps_master_weights:
+        return "adamw_kahan"
+    return "adamw"
+
+
+def lost_update_warning(name: str, model: nn.Module, learning_rate: float, strategy: Any = None) -> Optional[str]:
+    """One line when optimizer ``name`` updates bf16/fp16 weights without compensation (``None`` otherwise): the
+    learning rate beside the rounding step of a typical weight."""
+    low = low_precision_trainables(model)
+    if name not in UNCOMPENSATED or not low or distribution(strategy).keeps_master_weights:
+        return None
+    matrices = [p for p in low if p.ndim >= 2] or low
+    sample = torch.cat([p.detach().flatten()[:: max(1, p.numel() // 4096)].float().abs() for p in matrices])
+    median = float(sample.median())
+    step = rounding_step(median, low[0].dtype)
+    return (
+        f"{low[0].dtype} weights with plain {name} (model.optimizer {name}): at learning rate {learning_rate:g}, an "
+        f"update smaller than half the rounding step of the weight ({step:.1e} at the median magnitude {median:.2g}) "
+        "is lost, so many weights may stop training; use model.optimizer adamw_kahan (the default, auto), "
+        "adamw_stochastic (torchao) or "
+        "trainer.precision bf16-mixed with model.dtype float32"
+    )
 
 
 def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -42,7 +123,7 @@ def build_adamw(model: nn.Module, learning_rate: float, weight_decay: float, bet
 
 
 def build_optimizer(name: str, model: nn.Module, learning_rate: float, weight_decay: float, in_backward: bool = False):
-    """The optimizer ``name`` over :func:`decay_groups` (resolve ``auto`` first, see ``training/precision.py``).
+    """The optimizer ``name`` over :func:`decay_groups` (resolve ``auto`` first: :func:`resolve_optimizer`).
 
     ``adamw``: torch's (fused on GPU). ``adamw_kahan``: torch-optimi's AdamW with Kahan-compensated updates, so bf16
     weights lose no update smaller than their rounding step (one more bf16 buffer a weight). ``adamw_stochastic``:
@@ -72,8 +153,6 @@ def build_optimizer(name: str, model: nn.Module, learning_rate: float, weight_de
 
 def require_torchao(what: str):
     """``torchao.optim``, or one line saying how to install it."""
-    from lt_posttrain.errors import UserError
-
     try:
         from torchao import optim as torchao_optim
     except ImportError as error:
@@ -94,8 +173,6 @@ def torchao_adamw() -> type:
 
 def optimizer_class_of(path: str) -> type:
     """The optimizer class at ``path`` (``package.module.Class``), or one clear line."""
-    from lt_posttrain.errors import UserError
-
     module_name, _, class_name = path.replace(":", ".").rpartition(".")
     known = ", ".join(get_args(BuiltInOptimizer))
     if not module_name:

@@ -16,17 +16,20 @@ import torch
 from optimi.utils import HAS_TRITON
 
 from lt_posttrain.errors import UserError
-
-
-# model.optimizer -> the optimizer that steps in the backward pass
-IN_BACKWARD = {"auto": "adamw_kahan", "adamw_kahan": "adamw_kahan", "adamw_stochastic": "adamw_stochastic"}
+from lt_posttrain.training.strategy import SINGLE, distribution
 
 
 class StepsInBackward:
-    """Mixin for an optimizer: a hook on each trained weight steps it (:meth:`_step_weight`) once its gradient is
-    complete, then frees the gradient. Lightning's ``step`` only runs the closure (forward and backward)."""
+    """The interface of an optimizer that steps in the backward pass, and its mechanism (a mixin before the optimizer
+    class): a hook on each trained weight steps it (:meth:`_step_weight`) once its gradient is complete, then frees
+    the gradient. Lightning's ``step`` only runs the closure (forward and backward).
+
+    What others may use (the non-finite loss guard does, with ``isinstance``): ``skip_backward``, set True before a
+    backward whose gradients must not reach the weights (each is freed without a step) and False after it.
+    """
 
     steps_in_backward = True
+    skip_backward = False
 
     def _hook_weights(self) -> None:
         self.skip_backward = False  # set for one backward (a non-finite loss, skipped): gradients dropped
@@ -105,8 +108,6 @@ def stochastic_adamw_in_backward(torchao_adamw: type, groups: list[dict], learni
 
 def check_optimizer_in_backward(trainer) -> None:
     """One line for what cannot run with the optimizer step in the backward pass."""
-    from lightning.pytorch.strategies import SingleDeviceStrategy
-
     what = "model.optimizer_in_backward"
     if trainer.accumulate_grad_batches > 1:
         raise UserError(f"{what} steps after every backward: set trainer.accumulate_grad_batches 1 (raise "
@@ -114,7 +115,7 @@ def check_optimizer_in_backward(trainer) -> None:
     if trainer.gradient_clip_val:
         raise UserError(f"{what} cannot clip gradients (each weight moves before the norm is known): unset "
                         "trainer.gradient_clip_val")  # fmt: skip
-    if not isinstance(trainer.strategy, SingleDeviceStrategy):
+    if distribution(trainer.strategy).family != SINGLE:
         strategy = type(trainer.strategy).__name__
         raise UserError(f"{what} runs on one device (data parallelism and sharding average the gradients after the "
                         f"step would run), not with {strategy}: use trainer.devices 1")  # fmt: skip

@@ -1,4 +1,5 @@
-"""bf16 weights and the optimizer: pick one that loses no update, and say so when the recipe picks one that does.
+"""bf16 weights and what rounds them: the rounding step of a weight, which an update smaller than half of loses (the
+optimizer's choice, ``training/optimizer.py``, avoids it), and clipping under bf16 autocast.
 
 A bf16 weight of magnitude 0.02 has a rounding step of about 1.2e-4: plain AdamW's update at a learning rate of 1e-5
 rounds away. Kahan-compensated AdamW carries the lost part to the next step, stochastic rounding rounds up with the
@@ -7,33 +8,17 @@ or DeepSpeed's ZeRO optimizer) avoid the problem at about twice the memory for w
 """
 
 import math
-from typing import Optional
 
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities import GradClipAlgorithmType
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
-COMPENSATED = frozenset({"adamw_kahan", "adamw_stochastic"})
-UNCOMPENSATED = frozenset({"adamw", "adamw_8bit", "paged_adamw_8bit"})
 
 
 def low_precision_trainables(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The trained weights of ``model`` held in bf16 or fp16."""
     return [p for p in model.parameters() if p.requires_grad and p.dtype in LOW_PRECISION]
-
-
-def keeps_master_weights(strategy) -> bool:
-    """DeepSpeed's ZeRO optimizer keeps fp32 master weights of its own: a second compensation is not wanted."""
-    return type(strategy).__name__.startswith("DeepSpeed")
-
-
-def resolve_optimizer(name: str, model: torch.nn.Module, strategy=None) -> str:
-    """``auto``: ``adamw_kahan`` when the trained weights are bf16/fp16 (``bf16-true``), else ``adamw``."""
-    if name != "auto":
-        return name
-    if low_precision_trainables(model) and not keeps_master_weights(strategy):
-        return "adamw_kahan"
-    return "adamw"
 
 
 def rounding_step(magnitude: float, dtype: torch.dtype = torch.bfloat16) -> float:
@@ -41,25 +26,6 @@ def rounding_step(magnitude: float, dtype: torch.dtype = torch.bfloat16) -> floa
     if magnitude <= 0:
         return 0.0
     return torch.finfo(dtype).eps * 2.0 ** math.floor(math.log2(magnitude))
-
-
-def lost_update_warning(name: str, model: torch.nn.Module, learning_rate: float, strategy=None) -> Optional[str]:
-    """One line when optimizer ``name`` updates bf16/fp16 weights without compensation (``None`` otherwise): the
-    learning rate beside the rounding step of a typical weight."""
-    low = low_precision_trainables(model)
-    if name not in UNCOMPENSATED or not low or keeps_master_weights(strategy):
-        return None
-    matrices = [p for p in low if p.ndim >= 2] or low
-    sample = torch.cat([p.detach().flatten()[:: max(1, p.numel() // 4096)].float().abs() for p in matrices])
-    median = float(sample.median())
-    step = rounding_step(median, low[0].dtype)
-    return (
-        f"{low[0].dtype} weights with plain {name} (model.optimizer {name}): at learning rate {learning_rate:g}, an "
-        f"update smaller than half the rounding step of the weight ({step:.1e} at the median magnitude {median:.2g}) "
-        "is lost, so many weights may stop training; use model.optimizer adamw_kahan (the default, auto), "
-        "adamw_stochastic (torchao) or "
-        "trainer.precision bf16-mixed with model.dtype float32"
-    )
 
 
 def clip_under_bf16_autocast(plugin, optimizer, clip_val, algorithm) -> bool:

@@ -1,30 +1,23 @@
 """A model whose weights are split across ranks (DeepSpeed ZeRO-3, FSDP): created straight into its shards, fitted
-to the strategy once built, and gathered back whole for the Hugging Face export."""
+to the strategy once built, gathered back whole for the Hugging Face export; and frozen models (a reference, a
+teacher) placed as the trained model is."""
 
+import argparse
 import re
 from contextlib import contextmanager
+from types import SimpleNamespace
 from typing import Any, Iterator, Optional
 
 import torch
 
 from lt_posttrain.errors import UserError
 from lt_posttrain.model.export import submodule_state_dict
+from lt_posttrain.training.strategy import FSDP, distribution
 
 
 def zero3_config(strategy: Any) -> Optional[dict]:
     """The DeepSpeed config of ``strategy`` if it partitions the weights (ZeRO stage 3), else None."""
-    from lightning.pytorch.strategies import DeepSpeedStrategy
-
-    if isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:
-        return strategy.config
-    return None
-
-
-def is_fsdp(strategy: Any) -> bool:
-    """Whether ``strategy`` is Lightning's FSDP (weights, gradients and optimizer states sharded)."""
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    return isinstance(strategy, FSDPStrategy)
+    return strategy.config if distribution(strategy).zero3 else None
 
 
 @contextmanager
@@ -69,21 +62,21 @@ def fit_to_strategy(model: torch.nn.Module, strategy: Any, fused_loss: bool = Fa
             forward, where both keep it sharded. DoRA under ZeRO-3, for the same reason: it reads its A and B
             outside their layers' forward (FSDP gathers a whole decoder layer, so DoRA works there).
     """
-    sharded = zero3_config(strategy) is not None or is_fsdp(strategy)
-    if fused_loss and sharded:
+    placement = distribution(strategy)
+    if fused_loss and placement.shards_weights:
         raise UserError(
             "model.liger: fused_linear_cross_entropy reads the output head's weight, which DeepSpeed ZeRO-3 and FSDP "
             "keep sharded; set model.liger.fused_linear_cross_entropy false or use ZeRO-2 or DDP"
         )
     dora = any(getattr(config, "use_dora", False) for config in getattr(model, "peft_config", {}).values())
-    if dora and zero3_config(strategy) is not None:
+    if dora and placement.zero3:
         raise UserError(
             "model.lora.use_dora: DoRA reads its adapter weights outside their layers, where DeepSpeed ZeRO-3 keeps "
             "them partitioned; set model.lora.use_dora false, or use ZeRO-2, FSDP or DDP"
         )
-    if zero3_config(strategy) is not None:
+    if placement.zero3:
         zero_lora_b(model)
-    elif is_fsdp(strategy):
+    elif placement.family == FSDP:
         shapes = {name: p.shape for name, p in model.named_parameters(remove_duplicate=False)}  # tied ones too
         setattr(model, FULL_SHAPES, shapes)
         if "auto_wrap_policy" not in strategy.kwargs:
@@ -141,10 +134,11 @@ def gather_state_dict(strategy: Any, trainable_only: bool = False) -> Optional[d
         strategy: the trainer's strategy, set up (its ``model`` is the DeepSpeed engine or the FSDP module).
         trainable_only: under ZeRO-3, keep only the trainable weights (all a LoRA adapter export needs).
     """
-    if zero3_config(strategy) is not None:
+    placement = distribution(strategy)
+    if placement.zero3:
         engine = strategy.deepspeed_engine
         state = engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=trainable_only)
-    elif is_fsdp(strategy):  # what Lightning's full checkpoints do, whatever the strategy's state_dict_type
+    elif placement.family == FSDP:  # what Lightning's full checkpoints do, whatever the strategy's state_dict_type
         from torch.distributed.fsdp import FullStateDictConfig, StateDictType
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
@@ -155,3 +149,61 @@ def gather_state_dict(strategy: Any, trainable_only: bool = False) -> Optional[d
     else:
         return None
     return submodule_state_dict(state or {}, "model")
+
+
+class FrozenModel:
+    """A model that is run and never trained (a reference, a teacher), placed as the trained model is:
+
+    - one device, DDP: the model as it is; the LightningModule that holds it moves and casts it with itself;
+    - DeepSpeed ZeRO-3: created into its partitions (as the trained model is) and run by a DeepSpeed inference engine,
+      made on the first call (after the strategy has set up the trained model's engine), which gathers one layer's
+      weights at a time;
+    - FSDP: wrapped as Lightning wraps the trained model (:func:`fsdp_wrapped`).
+
+    Call it as the model, ``frozen(**inputs)``: it runs without gradients.
+
+    Args:
+        model: the model, in eval mode with ``requires_grad`` off, created in the strategy's creation context.
+        strategy: the trainer's strategy (None outside a trainer).
+    """
+
+    def __init__(self, model: torch.nn.Module, strategy: Any):
+        placement = distribution(strategy)
+        # what runs: the model, its FSDP wrapper, or (ZeRO-3, once called) its inference engine
+        self.module = fsdp_wrapped(model, strategy) if placement.family == FSDP else model
+        self.sharded = placement.shards_weights  # placed by the strategy: it does not move with the LightningModule
+        self._strategy, self._engine_pending = strategy, placement.zero3
+
+    def __call__(self, *args, **kwargs):
+        if self._engine_pending:
+            self.module, self._engine_pending = zero3_inference_engine(self.module, self._strategy), False
+        with torch.no_grad():
+            return self.module(*args, **kwargs)
+
+
+def zero3_inference_engine(model: torch.nn.Module, strategy: Any) -> torch.nn.Module:
+    """A ZeRO-3 partitioned ``model`` as a DeepSpeed engine without optimizer, whose forward gathers each layer's
+    weights in turn: the config Lightning gives a model it only evaluates (the strategy's ZeRO section and precision,
+    so the weights keep their dtype)."""
+    import deepspeed
+
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": strategy.config["zero_optimization"],
+              **{key: strategy.config[key] for key in ("fp16", "bf16") if key in strategy.config}}  # fmt: skip
+    index = strategy.root_device.index  # None on CPU, where DeepSpeed takes the device from LOCAL_RANK
+    args = argparse.Namespace(device_rank=index) if index is not None else None
+    engine, *_ = deepspeed.initialize(args=args, model=model, config=config, dist_init_required=False)
+    engine.eval()  # DeepSpeed's returns None
+    return engine
+
+
+def fsdp_wrapped(model: torch.nn.Module, strategy: Any) -> torch.nn.Module:
+    """``model`` wrapped by FSDP as Lightning wraps the trained model: the strategy's precision (``*-true`` casts the
+    weights), CPU offload and sharding, each of the model's own decoder layers a unit."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    settings = SimpleNamespace(kwargs=dict(strategy.kwargs))
+    wrap_decoder_layers(settings, model)
+    return FullyShardedDataParallel(strategy.precision_plugin.convert_module(model), cpu_offload=strategy.cpu_offload,
+                                    mixed_precision=strategy.mixed_precision_config,
+                                    sharding_strategy=strategy.sharding_strategy,
+                                    device_id=strategy.root_device, **settings.kwargs)  # fmt: skip

@@ -12,11 +12,45 @@ import functools
 import importlib.util
 import json
 import os
+import re
+from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 from lt_posttrain.errors import UserError
 
-DEEPSPEED, FSDP = "deepspeed", "fsdp"
+SINGLE, DDP, DEEPSPEED, FSDP, OTHER = "single", "ddp", "deepspeed", "fsdp", "other"
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """How a strategy spreads training over devices: the one answer every other module asks for
+    (:func:`distribution`), instead of looking at the strategy itself.
+
+    Attributes:
+        family: ``single`` (one device, or no trainer), ``ddp`` (whole replicas, gradients averaged), ``deepspeed``,
+            ``fsdp``, or ``other`` (any other strategy, or a name Lightning resolves only later, such as ``auto``).
+        zero_stage: DeepSpeed's ZeRO stage (0 where not DeepSpeed, or not known from a recipe's strategy name).
+    """
+
+    family: str
+    zero_stage: int = 0
+
+    @property
+    def zero3(self) -> bool:
+        """DeepSpeed's ZeRO stage 3: the weights are partitioned over the ranks as they are created."""
+        return self.family == DEEPSPEED and self.zero_stage == 3
+
+    @property
+    def shards_weights(self) -> bool:
+        """Each rank holds only a part of each weight (ZeRO-3, FSDP): the model is created, fitted and gathered
+        accordingly (``training/sharding.py``)."""
+        return self.family == FSDP or self.zero3
+
+    @property
+    def keeps_master_weights(self) -> bool:
+        """The strategy's own optimizer wrapper keeps fp32 master weights and frees the gradients itself (DeepSpeed's
+        ZeRO optimizer): no second compensation for bf16 weights, and no gradient freeing of ours."""
+        return self.family == DEEPSPEED
 
 
 def _get(section: Any, key: str, default=None):
@@ -41,20 +75,49 @@ def _strategy_class(strategy: Any) -> Optional[type]:
     return type(strategy)
 
 
-def strategy_family(strategy: Any) -> Optional[str]:
-    """``"deepspeed"``, ``"fsdp"``, or None for any other ``trainer.strategy`` value: a registered name, a
-    ``class_path`` mapping, a strategy class or a strategy object."""
+def _family_of_name(name: str) -> Distribution:
+    name = name.lower()
+    if name.startswith(DEEPSPEED):
+        stage = re.search(r"stage_(\d)", name)
+        return Distribution(DEEPSPEED, int(stage.group(1)) if stage else 0)
+    if name.startswith(FSDP):
+        return Distribution(FSDP)
+    if name.startswith(DDP):
+        return Distribution(DDP)
+    return Distribution(SINGLE if name == "single_device" else OTHER)
+
+
+def _zero_stage(strategy: Any) -> int:
+    """The ZeRO stage of a DeepSpeed strategy object (its config), or of a recipe's ``class_path`` mapping (its
+    ``stage`` argument, 0 when not given)."""
+    config = getattr(strategy, "config", None)
+    if isinstance(config, dict):
+        return int((config.get("zero_optimization") or {}).get("stage", 0))
+    return int(_get(_get(strategy, "init_args"), "stage", 0) or 0)
+
+
+def distribution(strategy: Any) -> Distribution:
+    """What ``strategy`` does with the model (:class:`Distribution`): a strategy object, a strategy class, a
+    ``trainer.strategy`` value of a recipe (a registered name such as ``deepspeed_stage_3``, or a ``class_path``
+    mapping), or None (no trainer: one device)."""
+    if strategy is None:
+        return Distribution(SINGLE)
     if isinstance(strategy, str):
-        name = strategy.lower()
-        return DEEPSPEED if name.startswith(DEEPSPEED) else FSDP if name.startswith(FSDP) else None
-    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+        return _family_of_name(strategy)
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, SingleDeviceStrategy
 
     cls = _strategy_class(strategy)
-    if isinstance(cls, type) and issubclass(cls, DeepSpeedStrategy):
-        return DEEPSPEED
-    if isinstance(cls, type) and issubclass(cls, FSDPStrategy):
-        return FSDP
-    return None
+    if not isinstance(cls, type):
+        return Distribution(OTHER)
+    if issubclass(cls, DeepSpeedStrategy):  # before DDP: Lightning's DeepSpeed strategy is a DDP subclass
+        return Distribution(DEEPSPEED, _zero_stage(strategy) if not isinstance(strategy, type) else 0)
+    if issubclass(cls, FSDPStrategy):
+        return Distribution(FSDP)
+    if issubclass(cls, DDPStrategy):
+        return Distribution(DDP)
+    if issubclass(cls, SingleDeviceStrategy):
+        return Distribution(SINGLE)
+    return Distribution(OTHER)
 
 
 def _strategy_name(strategy: Any) -> str:
@@ -77,8 +140,8 @@ def check_strategy(trainer: Any) -> None:
             clipping by value; a DeepSpeed config that cannot work.
     """
     strategy = _get(trainer, "strategy")
-    family = strategy_family(strategy)
-    if family is None:
+    family = distribution(strategy).family
+    if family not in (DEEPSPEED, FSDP):
         return
     name = f"trainer.strategy {_strategy_name(strategy)}"
     if family == DEEPSPEED:

@@ -171,6 +171,21 @@ class SourceType:
                 index, f"{what} is not valid JSON ({error.msg} at character {error.pos} of {text!r:.60}): fix the row"
             ) from None
 
+    def answer_turns(self, value, index: int, key: str) -> list[dict]:
+        """An answer given as text (one assistant turn) or as a list of turns (the source's ``role_key`` and
+        ``content_key`` fields, both text), as ``{"role", "content"}`` messages; anything else is an error naming
+        ``key`` (the column)."""
+        if isinstance(value, str):
+            return [{"role": "assistant", "content": value}]
+        role_key, content_key = self.source.role_key, self.source.content_key
+        if not isinstance(value, list) or not all(
+            isinstance(turn, dict) and isinstance(turn.get(role_key), str) and isinstance(turn.get(content_key), str)
+            for turn in value
+        ):
+            raise self.error(index, f"{key!r} must be text or a list of {{{role_key!r}, {content_key!r}}} turns, got "
+                                    f"{value!r:.60}")  # fmt: skip
+        return [{"role": turn[role_key], "content": turn[content_key]} for turn in value]
+
     def _check_fields(self) -> None:
         for item in fields(self.source):
             if item.name in COMMON_FIELDS or item.name in self.reads:

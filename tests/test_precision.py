@@ -87,8 +87,7 @@ def test_auto_picks_by_weight_dtype_and_strategy():
     model.to(torch.bfloat16)
     assert resolve_optimizer("auto", model) == "adamw_kahan"
 
-    class DeepSpeedStrategy:  # named like Lightning's: its ZeRO optimizer keeps fp32 master weights
-        pass
+    from lightning.pytorch.strategies import DeepSpeedStrategy  # its ZeRO optimizer keeps fp32 master weights
 
     assert resolve_optimizer("auto", model, DeepSpeedStrategy()) == "adamw"
     assert lost_update_warning("adamw", model, 1e-5, DeepSpeedStrategy()) is None

@@ -8,7 +8,9 @@ from conftest import SMOLLM2_GGUF, gsm8k_chats, needs_smollm2
 from lt_posttrain import SFTModule
 from lt_posttrain.data.collate import collate_padded
 from lt_posttrain.data.tokenize import count_loss_tokens, tokenize_conversation
+from lt_posttrain.errors import UserError
 from lt_posttrain.model.loading import gguf_as_hf_folder, resolve_model_path
+from lt_posttrain.testing import save_tiny_llama
 from lt_posttrain.training.optimizer import decay_groups
 
 
@@ -58,3 +60,29 @@ def test_model_is_in_train_mode(tiny_model_dir):
     module = SFTModule(str(tiny_model_dir))
     module.configure_model()
     assert module.model.training
+
+
+def test_frozen_model_is_a_copy_outside_training_that_moves_with_the_module(tiny_model_dir, tokenizer, tmp_path):
+    module = SFTModule(str(tiny_model_dir))
+    module.configure_model()
+    copy_of_model = module.frozen_model()
+    other = save_tiny_llama(tmp_path / "other", tokenizer, seed=1)
+    module.prepare_frozen_model(str(other))
+    loaded = module.frozen_model(str(other))
+    samples = [tokenize_conversation(row["messages"], tokenizer, 512)[0] for row in gsm8k_chats(2)]
+    batch = collate_padded(samples, tokenizer.pad_token_id)
+    inputs = module.model_inputs(batch)
+    module.eval()
+    assert torch.equal(copy_of_model(**inputs).logits, module(batch))
+    assert not torch.equal(loaded(**inputs).logits, module(batch))  # other weights
+    assert not copy_of_model(**inputs).logits.requires_grad
+    trained = {id(p) for p in module.parameters()}
+    for frozen in (copy_of_model, loaded):
+        assert not any(p.requires_grad or id(p) in trained for p in frozen.module.parameters())
+    assert all(key.startswith("model.") for key in module.state_dict())
+    module.train()
+    assert module.model.training and not copy_of_model.module.training and not loaded.module.training
+    module.to(torch.bfloat16)
+    assert {p.dtype for frozen in (copy_of_model, loaded) for p in frozen.module.parameters()} == {torch.bfloat16}
+    with pytest.raises(UserError, match="no such file or folder"):
+        module.prepare_frozen_model(str(tmp_path / "missing"))

@@ -258,3 +258,35 @@ def test_a_finished_run_leaves_its_gloo_process_group(tmp_path):
     leave_process_group()
     assert not torch.distributed.is_initialized()
     leave_process_group()  # none left: nothing to do
+
+
+def test_one_classifier_answers_for_names_class_paths_classes_and_objects():
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, SingleDeviceStrategy
+
+    from lt_posttrain.training.strategy import Distribution, distribution
+
+    deepspeed = "lightning.pytorch.strategies.DeepSpeedStrategy"
+    cases = {
+        None: Distribution("single"),
+        "ddp": Distribution("ddp"),
+        "deepspeed_stage_2_offload": Distribution("deepspeed", 2),
+        "deepspeed_stage_3": Distribution("deepspeed", 3),
+        "fsdp_cpu_offload": Distribution("fsdp"),
+        "auto": Distribution("other"),
+        "single_device": Distribution("single"),
+        FSDPStrategy: Distribution("fsdp"),
+        DDPStrategy: Distribution("ddp"),
+    }
+    for strategy, expected in cases.items():
+        assert distribution(strategy) == expected, strategy
+    assert distribution({"class_path": deepspeed, "init_args": {"stage": 3}}) == Distribution("deepspeed", 3)
+    assert distribution({"class_path": "lightning.pytorch.strategies.FSDPStrategy"}).family == "fsdp"
+    assert distribution(SingleDeviceStrategy("cpu")) == Distribution("single")
+    zero3 = DeepSpeedStrategy(stage=3)
+    assert distribution(zero3).zero3 and distribution(zero3).shards_weights and distribution(zero3).keeps_master_weights
+    prepare_strategy(zero3, micro_batch_size=1)  # the class Lightning's loop accumulates with is still DeepSpeed
+    assert distribution(zero3) == Distribution("deepspeed", 3)
+    zero2 = distribution(DeepSpeedStrategy(stage=2))
+    assert zero2.keeps_master_weights and not zero2.shards_weights
+    assert not distribution("ddp").shards_weights and not distribution("ddp").keeps_master_weights
+    assert distribution("fsdp").shards_weights and not distribution("fsdp").keeps_master_weights

@@ -166,10 +166,10 @@ def first_samples(data: InstructDataModule, num: int) -> Iterator[tuple[list[dic
     if num <= 0:
         return
     for source in data.sources:
-        source_format = load_source_type(source)
-        render = source_format.resolved_renderer(data.tokenizer, data.chat_template)
+        source_type = load_source_type(source)
+        render = source_type.resolved_renderer(data.tokenizer, data.chat_template)
         for index, row in enumerate(load_rows(source)):
-            messages, tools = source_format.messages(row, index), source_format.tools(row, index)
+            messages, tools = source_type.messages(row, index), source_type.tools(row, index)
             where = f"data source {source.name_or_path!r}, row {index}"
             masking = masking_of(source)
             samples = conversation_samples(messages, render, data.tokenizer, data.max_length, where, masking, tools)

@@ -188,10 +188,10 @@ class InstructDataModule(L.LightningDataModule):
         """The test (else validation) conversations as prompts, for greedy generation of their last answer."""
         prompts = []
         for source in self.test_sources or self.val_sources or self.sources:
-            source_format = load_source_type(source)
-            render = source_format.resolved_renderer(self.tokenizer, self.chat_template)
+            source_type = load_source_type(source)
+            render = source_type.resolved_renderer(self.tokenizer, self.chat_template)
             for index, row in enumerate(load_rows(source)):
-                messages, tools = source_format.messages(row, index), source_format.tools(row, index)
+                messages, tools = source_type.messages(row, index), source_type.tools(row, index)
                 if messages:
                     prompts.append(prompt_of(messages, self.tokenizer, render=render, tools=tools))
         collate = partial(collate_prompts, pad_id=self.tokenizer.pad_token_id)

@@ -90,8 +90,8 @@ def tokenize_rows(
     within ``max_length``, or longer than ``max_length`` with ``overlong="drop"``). Cached with the rows', so a second
     run with the same rows and options does no work; ``num_proc`` processes tokenize in parallel.
     """
-    source_format = load_source_type(source)
-    render = source_format.resolved_renderer(tokenizer, chat_template)
+    source_type = load_source_type(source)
+    render = source_type.resolved_renderer(tokenizer, chat_template)
     where = f"data source {source.name_or_path!r}"
     weighted = "weight" in rows.column_names
     masking = masking_of(source)
@@ -115,7 +115,7 @@ def tokenize_rows(
         conversations, parts = [], []  # render every row of the batch, then tokenize them in one call
         for offset, index in enumerate(indices):
             row = {column: values[offset] for column, values in batch.items()}
-            messages, tools = source_format.messages(row, index), source_format.tools(row, index)
+            messages, tools = source_type.messages(row, index), source_type.tools(row, index)
             rendered = rendered_parts(messages, render, f"{where}, row {index}", masking, tools)
             conversations.append((messages, float(row["weight"]) if weighted else 1.0, len(rendered)))
             parts += rendered
@@ -131,7 +131,7 @@ def tokenize_rows(
                 add(_EMPTY, 0, weight, reason)
         return out
 
-    identity = cache_identity(rows, source_format, tokenizer, chat_template, max_length, overlong)
+    identity = cache_identity(rows, source_type, tokenizer, chat_template, max_length, overlong)
     features = _features(weighted, by_token)
     return map_and_drop(rows, convert, features, identity, num_proc, f"Tokenizing {source.name_or_path}")
 

@@ -7,7 +7,6 @@ from lt_posttrain.errors import UserError
 from lt_posttrain.plugins import registry
 from lt_posttrain.plugins.groups import SOURCE_TYPES
 
-GROUP = SOURCE_TYPES.name
 _registered = registry.entry_points  # the process's cache of entry points (a test that installs a plugin clears it)
 
 

@@ -34,7 +34,6 @@ from lt_posttrain.data.dataset import (
 )
 from lt_posttrain.data.plan import MicroBatch
 from lt_posttrain.data.source_types import SourceType, load_source_type
-from lt_posttrain.data.source_types.messages import MessagesSourceType
 from lt_posttrain.data.sources import Source
 from lt_posttrain.errors import UserError
 from lt_posttrain.trainers.sft import SFTModule
@@ -84,3 +83,12 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 __api_version__ = "1.0"
+
+
+def __getattr__(name: str):
+    # A source type's module is imported only when asked for: a run imports the one type each source names.
+    if name == "MessagesSourceType":
+        from lt_posttrain.data.source_types.messages import MessagesSourceType
+
+        return MessagesSourceType
+    raise AttributeError(f"module 'lt_posttrain' has no attribute {name!r}")

@@ -274,6 +274,43 @@ def test_deepseek_r1_reads_the_reasoning_from_the_content(tokenizer):
     assert "Add them." not in tokenizer.decode(sample["input_ids"])
 
 
+def test_mistral_templates_with_calls_and_reasoning(tokenizer):
+    """Mistral's templates, as mistral-common generates them for its tokenizers (v13, with and without thinking):
+    ``[TOOL_CALLS]name[ARGS]{...}`` trained, ``[TOOL_RESULTS]`` never; the thinking template reads
+    ``reasoning_content`` (its content parts' ``thinking`` is another field), the other none. (mistral-common pins
+    numpy below 2.4, so it is not a test requirement: the test runs where it is installed.)"""
+    generator = pytest.importorskip("mistral_common.integrations.chat_templates.template_generator")
+    from mistral_common.tokens.tokenizers.base import TokenizerVersion
+
+    def mistral(thinking: bool) -> str:
+        return generator.build_chat_template(generator.TemplateConfig(
+            version=TokenizerVersion.v13, spm=False, image_support=False, audio_support=False,
+            thinking_support=thinking, plain_thinking_support=False, use_special_token_variables=True,
+        ))  # fmt: skip
+
+    mistral_tokens = ["[INST]", "[/INST]", "[TOOL_CALLS]", "[ARGS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+                      "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[THINK]", "[/THINK]"]  # fmt: skip
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS + TOOL_TOKENS + mistral_tokens})
+    eos = tokenizer.eos_token
+    samples = tokenize_conversation(without_reasoning(TRIP), tokenizer, 4096, mistral(False), tools=TOOLS)
+    assert [trained_texts(sample, tokenizer) for sample in samples] == [[
+        f'[TOOL_CALLS]get_weather[ARGS]{{"city": "Paris"}}[TOOL_CALLS]get_weather[ARGS]{{"city": "Rome"}}{eos}',
+        f'Now the time.[TOOL_CALLS]get_time[ARGS]{{"city": "Paris"}}{eos}',
+        f"Paris: sunny, 24C, 14:05. Rome: rain, 18C.{eos}",
+        f'[TOOL_CALLS]get_weather[ARGS]{{"city": "Berlin"}}{eos}',
+        f"Berlin: cloudy, 15C.{eos}",
+    ]]  # fmt: skip
+    assert_results_and_tools_untrained(samples, tokenizer)
+    with pytest.raises(ValueError, match="message 2 has reasoning"):
+        tokenize_conversation(TRIP, tokenizer, 4096, mistral(False), tools=TOOLS)
+    for masking in (Masking(), Masking(train_reasoning=False)):
+        samples = tokenize_conversation(TRIP, tokenizer, 4096, mistral(True), masking, TOOLS)
+        trained = all_trained(samples, tokenizer)
+        assert "[THINK]" in trained and all((reasoning in trained) == masking.train_reasoning for reasoning in REASONINGS)
+        assert '[TOOL_CALLS]get_weather[ARGS]{"city": "Berlin"}' in trained
+
+
 # -- masking modes with tool calls ------------------------------------------------------------------------------------
 def test_masking_modes_on_tool_calls(tokenizer):
     template = real_chat_template("qwen3_training")

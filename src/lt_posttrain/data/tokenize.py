@@ -640,11 +640,14 @@ def template_renderer(tokenizer, chat_template: str | None = None, **template_kw
     message's reasoning (``reasoning_content`` or ``thinking``, whichever it has) as the template reads it: under its
     field, or, for a template that reads reasoning from the content (DeepSeek-R1's), before the content as
     ``<think>\nREASONING\n</think>\n\n``. A message with reasoning is an error for a template that reads none."""
+    reasoning_keys: dict[str, str | None] = {}  # by template
 
     def render(messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None = None) -> str:
         template = tokenizer.get_chat_template(chat_template, tools)
+        if template not in reasoning_keys:
+            reasoning_keys[template] = _reasoning_key(tokenizer, template)
         return tokenizer.apply_chat_template(
-            _with_reasoning_key(messages, _reasoning_key(template)),
+            _with_reasoning_key(messages, reasoning_keys[template]),
             tools=tools or None,  # an empty list would still print a template's tool instructions
             chat_template=template,
             tokenize=False,
@@ -655,13 +658,21 @@ def template_renderer(tokenizer, chat_template: str | None = None, **template_kw
     return render
 
 
-@functools.lru_cache(maxsize=16)
-def _reasoning_key(template: str) -> str | None:
-    """The field of a message that ``template`` reads its reasoning from (``message.thinking``,
-    ``message['reasoning_content']``, ...), ``content`` for a template that finds it in the content (splits the
-    content at ``</think>``), or ``None``."""
+def _reasoning_key(tokenizer, template: str) -> str | None:
+    """The field of a message that ``template`` reads its reasoning from: the first of :data:`REASONING_KEYS`
+    whose text shows in the rendering of a question and an answer with a reasoning in that field (a template may
+    read ``thinking`` from content parts and ``reasoning_content`` from the message, as Mistral's do). Else
+    ``content`` for a template that finds the reasoning in the content (it splits it at ``</think>``), or ``None``."""
+    probe = "\ue002"
     for key in REASONING_KEYS:
-        if re.search(rf"""(\.|\[\s*['"]){key}\b""", template):
+        answer = {"role": "assistant", "content": "b", key: probe}
+        try:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": "a"}, answer], chat_template=template, tokenize=False
+            )
+        except (TemplateError, ValueError):  # a template that wants other conversations: it shows nothing here
+            continue
+        if probe in text:
             return key
     return "content" if "</think>" in template else None
 

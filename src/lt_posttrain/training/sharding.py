@@ -139,12 +139,11 @@ def gather_state_dict(strategy: Any, trainable_only: bool = False) -> Optional[d
         engine = strategy.deepspeed_engine
         state = engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=trainable_only)
     elif placement.family == FSDP:  # what Lightning's full checkpoints do, whatever the strategy's state_dict_type
-        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel, StateDictType
 
         # Offloading from the CPU to the CPU frees the storage that FSDP then clones from (a crash).
         whole = FullStateDictConfig(offload_to_cpu=strategy.root_device.type != "cpu", rank0_only=True)
-        with FSDP.state_dict_type(strategy.model, StateDictType.FULL_STATE_DICT, whole):
+        with FullyShardedDataParallel.state_dict_type(strategy.model, StateDictType.FULL_STATE_DICT, whole):
             state = strategy.model.state_dict()
     else:
         return None

@@ -73,6 +73,7 @@ def export_hf(
         else:
             model.save_pretrained(staging, state_dict=state_dict, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(staging)
+        give_default_modes(staging)  # the folder too: mkdtemp makes it 0700
         replace_folder(staging, target, keep=lambda child: child.is_dir() and STEP_EXPORT.match(child.name))
     except WRITE_ERRORS as error:
         if staging is not None:
@@ -213,6 +214,17 @@ def sync_folder(folder: Path) -> None:
         pass
     finally:
         os.close(descriptor)
+def give_default_modes(folder: str | os.PathLike) -> None:
+    """Give ``folder``, its files and sub-folders the mode a plain ``open`` (``mkdir``) gives under the process
+    umask, usually 0644 (0755). safetensors 0.8 writes each file through a temporary file created 0600 and renamed
+    into place (safetensors issue 782), and ``tempfile.mkdtemp`` makes a folder 0700: an exported model would be
+    readable by its owner alone."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [Path(folder), *Path(folder).rglob("*")]:
+        if path.is_symlink():
+            continue
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def submodule_state_dict(state_dict: dict, name: str) -> dict:

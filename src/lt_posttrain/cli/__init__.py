@@ -7,8 +7,10 @@ functions (``data``, ``plugins``); bad input becomes one line (``parse_errors``)
 import sys
 from typing import Optional
 
+from lt_posttrain.callbacks.progress import output_is_terminal
 from lt_posttrain.cli.lightning import build_cli
 from lt_posttrain.cli.parse_errors import find_user_error
+from lt_posttrain.cli.quiet import quiet_libraries
 from lt_posttrain.plugins.short_names import expand_short_names
 from lt_posttrain.training.strategy import leave_process_group
 
@@ -18,6 +20,7 @@ def main(args: Optional[list] = None) -> None:
     :mod:`lt_posttrain.cli.data` and ``plugins`` to :mod:`lt_posttrain.cli.plugins` (commands that are not
     Trainer methods, so not LightningCLI subcommands)."""
     argv = sys.argv[1:] if args is None else [str(arg) for arg in args]
+    quiet_libraries(terminal=output_is_terminal())
     try:
         if argv[:1] == ["data"]:
             from lt_posttrain.cli import data

@@ -7,11 +7,13 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lt_posttrain.callbacks.hf_export import HFCheckpoint
 from lt_posttrain.callbacks.nonfinite import NonFiniteLossGuard
 from lt_posttrain.callbacks.predictions import PredictionWriter
+from lt_posttrain.callbacks.progress import progress_bar
 from lt_posttrain.callbacks.random_state import RandomStateCheckpoint
 from lt_posttrain.callbacks.throughput import ThroughputMeter
 from lt_posttrain.callbacks.training_state import TrainingStateCheckpoint, checkpoint_states_file
@@ -24,7 +26,8 @@ from lt_posttrain.training.checkpoint_io import CHECKPOINT_READ_ERRORS, checkpoi
 from lt_posttrain.training.run_folder import check_writable
 from lt_posttrain.training.strategy import check_strategy, prepare_strategy
 
-TRAINER_DEFAULTS = {"max_epochs": 1}
+# the model summary's table (and its "Total FLOPs: 0") says less than the trainer's own line of parameter counts
+TRAINER_DEFAULTS = {"max_epochs": 1, "enable_model_summary": False}
 
 
 class PostTrainCLI(LightningCLI):
@@ -92,6 +95,9 @@ class PostTrainCLI(LightningCLI):
     def _instantiate_trainer(self, config: dict, callbacks: list):
         if config.get("enable_checkpointing") is False:  # Lightning refuses a ModelCheckpoint then
             callbacks = [callback for callback in callbacks if not isinstance(callback, TrainingStateCheckpoint)]
+        recipe_bar = any(isinstance(callback, ProgressBar) for callback in config.get("callbacks") or [])
+        if config.get("enable_progress_bar") is not False and not recipe_bar:  # Lightning refuses a second one
+            callbacks = [*callbacks, progress_bar()]  # after the throughput meter, whose tokens/s it prints
         return super()._instantiate_trainer(config, callbacks)
 
     def before_fit(self) -> None:

@@ -19,6 +19,7 @@ from typing import Any, Literal, Optional, Union
 from jsonargparse import ArgumentParser, auto_cli
 
 from lt_posttrain.batch import IGNORE_INDEX
+from lt_posttrain.cli.help import asks_for_help, print_class_keys
 from lt_posttrain.cli.parse_errors import ConfigError, config_files, explain_parser_error
 from lt_posttrain.data.datamodule import InstructDataModule
 from lt_posttrain.data.dataset import conversation_samples, masking_of
@@ -368,10 +369,15 @@ class _Parser(ArgumentParser):
             with contextlib.redirect_stderr(printed):
                 return super().parse_args(args, *rest, **kwargs)
         except SystemExit as exit:
+            argv = list(sys.argv[1:] if args is None else args)
+            subcommand = getattr(self._subcommands_action, "_name_parser_map", {}).get(argv[0] if argv else "")
+            if exit.code in (0, None) and subcommand is not None and asks_for_help(argv):
+                print_class_keys(subcommand, argv, {"data": "lt_posttrain.InstructDataModule"}, f"{self.prog} {argv[0]}")
             if exit.code in (0, None) or "error:" not in printed.getvalue():
                 raise
             message = printed.getvalue().split("error:", 1)[1]
-            raise ConfigError(explain_parser_error(message, _option_names(self), config_files(args))) from None
+            command = f"{self.prog} {argv[0]}" if subcommand is not None else self.prog
+            raise ConfigError(explain_parser_error(message, _option_names(self), config_files(args), command)) from None
         finally:
             _Parser._parsing = False
             if "error:" not in printed.getvalue():

@@ -17,6 +17,7 @@ from lt_posttrain.callbacks.progress import progress_bar
 from lt_posttrain.callbacks.random_state import RandomStateCheckpoint
 from lt_posttrain.callbacks.throughput import ThroughputMeter
 from lt_posttrain.callbacks.training_state import TrainingStateCheckpoint, checkpoint_states_file
+from lt_posttrain.cli.help import asks_for_help, print_class_keys
 from lt_posttrain.cli.parse_errors import ConfigError, config_files, explain_parser_error
 from lt_posttrain.data.datamodule import InstructDataModule
 from lt_posttrain.errors import UserError
@@ -28,6 +29,7 @@ from lt_posttrain.training.strategy import check_strategy, prepare_strategy
 
 # the model summary's table (and its "Total FLOPs: 0") says less than the trainer's own line of parameter counts
 TRAINER_DEFAULTS = {"max_epochs": 1, "enable_model_summary": False}
+CLASS_SECTIONS = {"model": "lt_posttrain.SFTModule", "data": "lt_posttrain.InstructDataModule"}  # their defaults
 
 
 class PostTrainCLI(LightningCLI):
@@ -43,11 +45,16 @@ class PostTrainCLI(LightningCLI):
             with contextlib.redirect_stderr(printed):
                 super().parse_arguments(parser, args)
         except SystemExit as exit:
+            argv = list(sys.argv[1:] if args is None else args)
             if exit.code in (0, None) or "error:" not in printed.getvalue():
                 sys.stderr.write(printed.getvalue())
+                subcommand = _subcommand_parsers(parser).get(argv[0] if argv else "")
+                if exit.code in (0, None) and subcommand is not None and asks_for_help(argv):
+                    print_class_keys(subcommand, argv, CLASS_SECTIONS, f"{parser.prog} {argv[0]}")
                 raise
             message = printed.getvalue().split("error:", 1)[1]
-            raise ConfigError(explain_parser_error(message, _option_names(parser), config_files(args))) from None
+            command = f"{parser.prog} {argv[0]}" if argv[:1] and argv[0] in _subcommand_parsers(parser) else parser.prog
+            raise ConfigError(explain_parser_error(message, _option_names(parser), config_files(args), command)) from None
         sys.stderr.write(printed.getvalue())
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -120,8 +127,12 @@ class PostTrainCLI(LightningCLI):
             connect(self.model.tokenizer)
 
 
+def _subcommand_parsers(parser: LightningArgumentParser) -> dict:
+    return getattr(parser._subcommands_action, "_name_parser_map", {})
+
+
 def _option_names(parser: LightningArgumentParser) -> list[str]:
-    parsers = [parser, *getattr(parser._subcommands_action, "_name_parser_map", {}).values()]
+    parsers = [parser, *_subcommand_parsers(parser).values()]
     return sorted({option for each in parsers for option in each._option_string_actions if option.startswith("--")})
 
 

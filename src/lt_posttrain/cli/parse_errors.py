@@ -53,9 +53,12 @@ def _suggest(unknown: str, candidates: Iterable[str]) -> str:
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
-def explain_parser_error(message: str, known_options: Iterable[str] = (), config_files: Iterable[str] = ()) -> str:
+def explain_parser_error(
+    message: str, known_options: Iterable[str] = (), config_files: Iterable[str] = (), command: str = "lt-posttrain fit"
+) -> str:
     """One line for a jsonargparse error ``message``; ``known_options`` are the parser's ``--keys``,
-    ``config_files`` the ``--config`` files given."""
+    ``config_files`` the ``--config`` files given, ``command`` the command as typed (``lt-posttrain fit``), for the
+    command that lists the valid keys."""
     keys = [key for key in re.findall(r'Parser key "([^"]+)"', message) if key not in ("model", "data")]
     groups = re.findall(r'Parser key "(model|data)"', message)
     prefix = ".".join(groups[:1] + keys)
@@ -68,13 +71,15 @@ def explain_parser_error(message: str, known_options: Iterable[str] = (), config
         suggestion = _suggest(name, candidates)
         if prefix and suggestion:
             suggestion = suggestion.replace("'", f"'{prefix}.", 1)
-        return f"unknown key '{full}'{suggestion}; see --help for the valid keys"
+        section = re.match(r"(model|data)(\.|$)", prefix)
+        lister = f"{command} --{section.group(1)}.help {class_path.group(1)}" if section and class_path else f"{command} --help"
+        return f"unknown key '{full}'{suggestion}; '{lister}' lists the valid keys"
     unrecognized = re.search(r"[Uu]nrecognized arguments: (.*)", message)
     if unrecognized:
         options = [o for o in unrecognized.group(1).split() if o.startswith("-")] or unrecognized.group(1).split()
         first = options[0].split("=")[0] if options else unrecognized.group(1)
         keys = [option.lstrip("-") for option in known_options]
-        return f"unknown key '{first.lstrip('-')}'{_suggest(first.lstrip('-'), keys)}; see --help for the valid keys"
+        return f"unknown key '{first.lstrip('-')}'{_suggest(first.lstrip('-'), keys)}; '{command} --help' lists the valid keys"
     if "Problems parsing config" in message:
         lines = [line.strip() for line in message.splitlines()[1:] if line.strip()]
         where = re.findall(r"line (\d+), column (\d+)", message)

@@ -154,13 +154,17 @@ def test_fit_reuses_what_prepare_tokenized(tiny_model_dir, chats_file, tmp_path)
         command = [sys.executable, "-m", "lt_posttrain.cli", *map(str, args)]
         return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
 
+    def cache_files() -> dict:
+        return {path: path.stat().st_mtime_ns for path in (tmp_path / "datasets-cache").rglob("*.arrow")}
+
     prepared = run("data", "prepare", "--config", config)
     assert prepared.returncode == 0, prepared.stderr[-2000:]
-    assert "Tokenizing" in prepared.stderr
+    tokenized = cache_files()
+    assert any("cache-" in path.name for path in tokenized)  # the tokenized samples
     validated = run("validate", "--config", config)
     assert validated.returncode == 0, validated.stderr[-2000:]
     assert "val/loss" in validated.stdout
-    assert "Tokenizing" not in validated.stderr  # the samples came from the cache
+    assert cache_files() == tokenized  # the samples came from the cache: nothing tokenized or written again
 
 
 # -- preview -------------------------------------------------------------------------------------------------------

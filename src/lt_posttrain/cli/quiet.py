@@ -41,7 +41,8 @@ class _DropMessages(logging.Filter):
 
 def quiet_libraries(terminal: bool) -> None:
     """Drop the libraries' notes above for the rest of the process; without a ``terminal``, also the libraries'
-    progress bars (a file receives each redraw) and stdout's block buffering (lines appear as they are printed).
+    progress bars (a file receives each redraw, and a bad row's one-line error would come after a bar) and stdout's
+    block buffering (lines appear as they are printed).
 
     Args:
         terminal: whether the output is a terminal.

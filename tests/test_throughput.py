@@ -6,7 +6,7 @@ import torch
 from conftest import gsm8k_chats, write_jsonl
 from lt_posttrain import run
 from lt_posttrain.batch import sample_lengths
-from lt_posttrain.callbacks.throughput import ThroughputMeter, matmul_parameters
+from lt_posttrain.callbacks.throughput import FLOPS_CONVENTION, ThroughputMeter, matmul_flops_per_token, matmul_parameters
 from lt_posttrain.data.collate import collate_packed, collate_padded
 
 
@@ -26,8 +26,37 @@ def test_matmul_parameters_count_linear_weights_and_the_lm_head(tiny_model_dir):
     assert matmul_parameters(model) == config.num_hidden_layers * per_layer + hidden * config.vocab_size
 
 
+def _linear_shapes(config) -> list[tuple[int, int]]:
+    """``(in, out)`` of every linear layer of the tiny Llama, by hand: q, k, v, o, gate, up, down per layer, the head."""
+    hidden, kv, inner = config.hidden_size, config.num_key_value_heads * config.head_dim, config.intermediate_size
+    layer = [(hidden, hidden), (hidden, kv), (hidden, kv), (hidden, hidden), (hidden, inner), (hidden, inner),
+             (inner, hidden)]  # fmt: skip
+    return layer * config.num_hidden_layers + [(hidden, config.vocab_size)]
+
+
+def test_full_fine_tune_costs_six_flops_per_weight_and_token(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    weights = sum(fan_in * fan_out for fan_in, fan_out in _linear_shapes(model.config))
+    assert matmul_flops_per_token(model) == 6 * weights  # forward 2, input gradient 2, weight gradient 2
+
+
+def test_lora_counts_no_weight_gradient_products_for_frozen_weights(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from lt_posttrain.model.lora import LoraOptions, apply_lora
+
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraOptions(r=4))
+    shapes = _linear_shapes(model.config)
+    frozen = sum(fan_in * fan_out for fan_in, fan_out in shapes)  # every base weight, the head included
+    adapters = sum(4 * fan_in + fan_out * 4 for fan_in, fan_out in shapes[:-1])  # A: r x in, B: out x r; no head
+    assert matmul_flops_per_token(model) == 4 * frozen + 6 * adapters
+    assert matmul_parameters(model, trained=True) == adapters
+
+
 @pytest.mark.parametrize("packing", [True, False])
-def test_summary_counts_the_timed_steps(tmp_path, tiny_model_dir, packing):
+def test_summary_counts_the_timed_steps(tmp_path, tiny_model_dir, packing, caplog):
     chats = write_jsonl(tmp_path / "chats.jsonl", gsm8k_chats(24))
     recipe = {
         "model": {"name_or_path": str(tiny_model_dir)},
@@ -37,7 +66,8 @@ def test_summary_counts_the_timed_steps(tmp_path, tiny_model_dir, packing):
         "checkpoint": {"save_end_of_training": False},
         "throughput": {"warmup_steps": 2, "peak_tflops": 0.5},
     }  # fmt: skip
-    cli = run(recipe, "fit")
+    with caplog.at_level("INFO"):
+        cli = run(recipe, "fit")
     [meter] = [callback for callback in cli.trainer.callbacks if isinstance(callback, ThroughputMeter)]
     batches = list(cli.datamodule.train_dataloader())
     timed = batches[2:5]  # the clock starts when step 2 ends: micro-batches 2, 3 and 4 are timed
@@ -45,7 +75,8 @@ def test_summary_counts_the_timed_steps(tmp_path, tiny_model_dir, packing):
     config = cli.model.model.config
     flops = sum(
         6 * matmul_parameters(cli.model.model) * int(batch["num_tokens"])
-        + 6 * config.num_hidden_layers * config.hidden_size * int((sample_lengths(batch) ** 2).sum())
+        + 6 * config.num_hidden_layers * config.num_attention_heads * config.head_dim
+        * int((sample_lengths(batch) ** 2).sum())
         for batch in timed
     )
     summary = meter.summary
@@ -55,6 +86,8 @@ def test_summary_counts_the_timed_steps(tmp_path, tiny_model_dir, packing):
     assert summary["mfu"] == pytest.approx(summary["tflops"] / 0.5)
     assert "peak_gib" not in summary  # no GPU here
     assert set(cli.trainer.logged_metrics) >= {"throughput/tokens_per_s", "throughput/tflops", "throughput/mfu"}
+    [line] = [record.getMessage() for record in caplog.records if "throughput over 3 steps" in record.getMessage()]
+    assert line.endswith(f"(model FLOPs: {FLOPS_CONVENTION})")
 
 
 def test_disabled_meter_measures_nothing(tmp_path, tiny_model_dir):

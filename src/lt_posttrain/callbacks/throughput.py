@@ -1,10 +1,16 @@
 """Training speed: non-padding tokens/s, model FLOP/s and MFU, peak GPU memory; logged live and summed up at the end.
 
-Model FLOPs of a micro-batch (the convention of the PaLM paper's MFU, attention per sample):
-``6 * matmul_params * tokens + 6 * layers * hidden * sum(sample_length ** 2)``, where ``matmul_params`` counts the
-weights of every ``nn.Linear`` (the LM head included, the embedding lookup not) and the second term is causal
-attention, forward and backward, over each sample alone (a packed row's samples do not attend to each other).
-Gradient checkpointing's recomputation is not counted: MFU measures useful work.
+Model FLOPs are the matrix-product FLOPs a step computes, counted the same way in every mode (the convention of the
+PaLM paper's MFU, extended to frozen weights), per token of a sample:
+
+- every matmul weight (the ``nn.Linear`` layers, the LM head and LoRA's adapters included, the embedding lookup
+  not) costs 2 FLOPs per parameter in the forward and 2 in the backward for the gradient of its input;
+- a trained weight costs 2 more for its own gradient: ``6N`` for trained weights, ``4N`` for frozen ones (a LoRA
+  run's base weights, whose products for a weight gradient are never computed);
+- causal attention costs ``6 x layers x attention width x length`` per token of a sample of ``length`` tokens,
+  forward and backward, over each sample alone (a packed row's samples do not attend to each other).
+
+Gradient checkpointing's recomputation and padding are not counted: MFU measures useful work.
 """
 
 import math
@@ -19,20 +25,53 @@ from lt_posttrain.batch import sample_lengths
 from lt_posttrain.training.sharding import full_shape
 
 
-def matmul_parameters(model: torch.nn.Module) -> int:
+FLOPS_CONVENTION = "6N for trained weights, 4N for frozen, attention per sample, recompute not counted"
+
+
+def matmul_parameters(model: torch.nn.Module, trained: Optional[bool] = None) -> int:
     """Weights of every ``nn.Linear``, PEFT's included, counted whole under ZeRO-3 and FSDP (their shards' full
-    shapes, see ``training/sharding.py``)."""
+    shapes, see ``training/sharding.py``).
+
+    Args:
+        model: the model.
+        trained: count only the weights that train (True) or only the frozen ones (False); None: all.
+    """
     total = 0
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
-        if isinstance(module, torch.nn.Linear) and weight is not None:
+        if not isinstance(module, torch.nn.Linear) or weight is None:
+            continue
+        if trained is None or weight.requires_grad == trained:
             total += math.prod(full_shape(model, f"{name}.weight", weight))
     return total
 
 
+def matmul_flops_per_token(model: torch.nn.Module) -> int:
+    """Matrix-product FLOPs of one token's forward and backward, attention left out: ``6`` per trained matmul weight,
+    ``4`` per frozen one (see the module's docstring)."""
+    return 6 * matmul_parameters(model, trained=True) + 4 * matmul_parameters(model, trained=False)
+
+
+def attention_width(config) -> int:
+    """Query heads times head size (the hidden size where the config does not say), the width of the attention
+    products."""
+    heads, head_dim = getattr(config, "num_attention_heads", None), getattr(config, "head_dim", None)
+    if heads and head_dim:
+        return heads * head_dim
+    return getattr(config, "hidden_size", 0)
+
+
+def attention_flops_per_square_token(config) -> int:
+    """Causal attention's FLOPs, forward and backward, per squared sample length: ``6 x layers x width``."""
+    if config is None:
+        return 0
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return 6 * getattr(config, "num_hidden_layers", 0) * attention_width(config)
+
+
 class ThroughputMeter(L.Callback):
     """Logs ``throughput/tokens_per_s`` (non-padding input tokens, all ranks), ``throughput/tflops`` (model TFLOP/s,
-    all ranks), ``throughput/mfu`` and ``throughput/peak_gib`` (peak GPU memory of this rank) every
+    all ranks, counted as the module's docstring says), ``throughput/mfu`` and ``throughput/peak_gib`` (peak GPU memory of this rank) every
     ``log_every_n_steps`` optimizer steps, and prints a summary of the whole run after the warm-up steps.
 
     Args:
@@ -49,9 +88,8 @@ class ThroughputMeter(L.Callback):
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if not self.enabled:
             return
-        config = getattr(module.model, "config", None)
-        self._params = matmul_parameters(module.model)
-        self._attention = 6 * getattr(config, "num_hidden_layers", 0) * getattr(config, "hidden_size", 0)
+        self._per_token = matmul_flops_per_token(module.model)
+        self._attention = attention_flops_per_square_token(getattr(module.model, "config", None))
         self._peak = self._peak_flops(trainer, module)
         self._counts = torch.zeros(2, dtype=torch.float64, device=module.device)  # [tokens, flops] since last log
         self._total = torch.zeros_like(self._counts)
@@ -75,7 +113,7 @@ class ThroughputMeter(L.Callback):
         if not self.enabled:
             return
         lengths = sample_lengths(batch).to(torch.float64)
-        flops = 6 * self._params * lengths.sum() + self._attention * (lengths**2).sum()
+        flops = self._per_token * lengths.sum() + self._attention * (lengths**2).sum()
         self._counts += torch.stack([lengths.sum(), flops])
         if trainer.global_step == self._last_step:  # inside an accumulation window
             return
@@ -127,7 +165,8 @@ class ThroughputMeter(L.Callback):
             parts.append(f"MFU {100 * self.summary['mfu']:.1f}% of {self._peak / 1e12:.0f} TFLOP/s per device")
         if "peak_gib" in self.summary:
             parts.append(f"peak {self.summary['peak_gib']:.2f} GiB")
-        rank_zero_info(f"throughput over {self._measured_steps} steps after {self.warmup_steps} warm-up: {', '.join(parts)}")
+        rank_zero_info(f"throughput over {self._measured_steps} steps after {self.warmup_steps} warm-up: "
+                       f"{', '.join(parts)} (model FLOPs: {FLOPS_CONVENTION})")
 
     @staticmethod
     def _synchronize(module: L.LightningModule) -> None:

@@ -36,9 +36,11 @@ from lt_posttrain.data.plan import MicroBatch
 from lt_posttrain.data.source_types import SourceType, load_source_type
 from lt_posttrain.data.sources import Source
 from lt_posttrain.errors import UserError
+from lt_posttrain.model.kernels import output_head
 from lt_posttrain.trainers.sft import SFTModule
 from lt_posttrain.training.losses import sequence_logps, token_cross_entropy_sum, token_logps
 from lt_posttrain.training.sharding import FrozenModel
+from lt_posttrain.training.tiled import run_as_forward, tiled_token_logps
 
 __all__ = [
     # trainers
@@ -57,6 +59,9 @@ __all__ = [
     "sequence_logps",
     "token_cross_entropy_sum",
     "token_logps",
+    "tiled_token_logps",
+    "output_head",
+    "run_as_forward",
     # data: sources and source types
     "Source",
     "SourceType",
@@ -82,7 +87,7 @@ __all__ = [
     "UserError",
 ]
 __version__ = "0.1.0"
-__api_version__ = "1.0"
+__api_version__ = "1.1"
 
 
 def __getattr__(name: str):

@@ -112,16 +112,24 @@ def apply_liger_kernels(model, request: LigerOption) -> list[str]:
     return chosen
 
 
-def fused_loss_parts(model) -> tuple[nn.Module, nn.Linear, Optional[float]]:
-    """``(decoder, head, softcap)`` of a causal LM, PEFT-wrapped or not: ``decoder(input_ids=..., **kwargs)`` gives
-    the final hidden states, ``head`` the linear layer that turns them into logits (softcapped if not None)."""
+def output_head(model) -> tuple[nn.Module, Optional[float]]:
+    """``(head, softcap)`` of a causal LM (PEFT-wrapped or not): the module that turns the final hidden states into
+    logits, and the model's final logit softcapping (``softcap * tanh(logits / softcap)``), or None."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = base.get_output_embeddings()
     if type(head).__name__ == "ModulesToSaveWrapper":  # lora.modules_to_save: the trained copy is the live one
         head = head.modules_to_save[head.active_adapters[0]]
+    return head, getattr(base.config, "final_logit_softcapping", None)
+
+
+def fused_loss_parts(model) -> tuple[nn.Module, nn.Linear, Optional[float]]:
+    """``(decoder, head, softcap)`` of a causal LM, PEFT-wrapped or not: ``decoder(input_ids=..., **kwargs)`` gives
+    the final hidden states, ``head`` the linear layer that turns them into logits (softcapped if not None)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head, softcap = output_head(base)
     if type(head) is not nn.Linear:
         raise UserError(
             f"model.liger.{FUSED_LOSS}: the output head is a {type(head).__name__}, not a plain linear layer "
             "(an adapter on lm_head?); set it to false or leave lm_head out of lora.target_modules"
         )
-    return base.get_decoder(), head, getattr(base.config, "final_logit_softcapping", None)
+    return base.get_decoder(), head, softcap

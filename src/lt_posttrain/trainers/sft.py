@@ -183,6 +183,12 @@ class SFTModule(L.LightningModule):
         self._frozen_models.append(frozen)
         return frozen
 
+    def release_frozen_model(self, frozen: FrozenModel) -> None:
+        """Free a frozen model from :meth:`frozen_model` once it is no longer needed (DPO's reference after its
+        log-probabilities are computed): it stops moving with this module and cannot run afterwards."""
+        self._frozen_models.remove(frozen)
+        frozen.release()
+
     def train(self, mode: bool = True):
         super().train(mode)
         for frozen in self.__dict__.get("_frozen_models", ()):

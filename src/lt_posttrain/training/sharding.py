@@ -6,13 +6,14 @@ import argparse
 import re
 from contextlib import contextmanager
 from types import SimpleNamespace
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
 from lt_posttrain.errors import UserError
 from lt_posttrain.model.export import submodule_state_dict
 from lt_posttrain.training.strategy import FSDP, distribution
+from lt_posttrain.training.tiled import run_as_forward
 
 
 def zero3_config(strategy: Any) -> Optional[dict]:
@@ -159,7 +160,8 @@ class FrozenModel:
       weights at a time;
     - FSDP: wrapped as Lightning wraps the trained model (:func:`fsdp_wrapped`).
 
-    Call it as the model, ``frozen(**inputs)``: it runs without gradients.
+    Call it as the model, ``frozen(**inputs)``: it runs without gradients; or run code that calls its parts one by
+    one with :meth:`run`.
 
     Args:
         model: the model, in eval mode with ``requires_grad`` off, created in the strategy's creation context.
@@ -171,13 +173,34 @@ class FrozenModel:
         # what runs: the model, its FSDP wrapper, or (ZeRO-3, once called) its inference engine
         self.module = fsdp_wrapped(model, strategy) if placement.family == FSDP else model
         self.sharded = placement.shards_weights  # placed by the strategy: it does not move with the LightningModule
-        self._strategy, self._engine_pending = strategy, placement.zero3
+        self._strategy, self._engine_pending, self._engine = strategy, placement.zero3, False
 
     def __call__(self, *args, **kwargs):
+        with torch.no_grad():
+            return self._runner()(*args, **kwargs)
+
+    def run(self, function: Callable, *args):
+        """``function(model, *args)`` run as the frozen model's forward, ``model`` being the Hugging Face model: its
+        parts may be called one by one (the decoder, then the output head a tile at a time), each with its weights
+        whole (FSDP: the outer unit's weights are gathered for the call, each decoder layer gathers its own; ZeRO-3:
+        each submodule gathers its own as it runs). In the caller's gradient mode: the frozen weights take no
+        gradient, but what ``function`` computes from other tensors may (a student's loss against a teacher's
+        logits)."""
+        runner = self._runner()
+        inner = runner.module if self._engine else None  # DeepSpeed's engine calls its module's forward
+        return run_as_forward(runner, function, *args, inner=inner)
+
+    def _runner(self) -> torch.nn.Module:
         if self._engine_pending:
             self.module, self._engine_pending = zero3_inference_engine(self.module, self._strategy), False
-        with torch.no_grad():
-            return self.module(*args, **kwargs)
+            self._engine = True
+        return self.module
+
+    def release(self) -> None:
+        """Free what the frozen model holds (a ZeRO-3 engine is destroyed); it cannot run afterwards."""
+        if self._engine:
+            self.module.destroy()
+        self.module = None
 
 
 def zero3_inference_engine(model: torch.nn.Module, strategy: Any) -> torch.nn.Module:

@@ -60,9 +60,10 @@ def dpo_rows(shared: Path, out: Path, count: int) -> Path:
         rows = [json.loads(line) for _, line in zip(range(count + 1), file)]
     with open(out, "w") as file:
         for row, following in zip(rows, rows[1:]):
-            file.write(json.dumps({"prompt": [{"role": "user", "content": row["question"]}],
-                                   "chosen": [{"role": "assistant", "content": row["answer"]}],
-                                   "rejected": [{"role": "assistant", "content": following["answer"]}]}) + "\n")  # fmt: skip
+            pair = {"prompt": [{"role": "user", "content": row["question"]}],
+                    "chosen": [{"role": "assistant", "content": row["answer"]}],
+                    "rejected": [{"role": "assistant", "content": following["answer"]}]}  # fmt: skip
+            file.write(json.dumps(pair) + "\n")
     return out
 
 
@@ -227,8 +228,9 @@ def trl_dpo(args) -> dict:
     dataset = load_dataset("json", data_files=str(rows), split="train")  # from_list breaks there (NOTES.md)
     models = [AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16, attn_implementation="sdpa")
               for _ in range(1 if args.precompute else 2)]  # fmt: skip
-    config = DPOConfig(output_dir=str(WORK / "trl"), max_steps=args.steps, per_device_train_batch_size=args.pairs_per_step,
-                       bf16=args.accelerator == "gpu", use_cpu=args.accelerator == "cpu", learning_rate=5e-7,
+    config = DPOConfig(output_dir=str(WORK / "trl"), max_steps=args.steps,
+                       per_device_train_batch_size=args.pairs_per_step, bf16=args.accelerator == "gpu",
+                       use_cpu=args.accelerator == "cpu", learning_rate=5e-7,
                        lr_scheduler_type="constant", logging_steps=5, beta=0.1, gradient_checkpointing=True,
                        max_length=args.max_length, use_liger_kernel=bool(args.liger), max_grad_norm=1.0,
                        precompute_ref_log_probs=bool(args.precompute), report_to=[], save_strategy="no",
@@ -294,7 +296,8 @@ def suite(args) -> None:
                        check=True)  # fmt: skip
     common = ["--shared", args.shared, "--shape", args.shape, "--model-dir", str(model_dir), "--steps",
               str(args.steps), "--warmup", str(args.warmup), "--rows-per-step", str(args.rows_per_step),
-              "--pairs-per-step", str(args.pairs_per_step), "--max-length", str(args.max_length), "--pack-tokens", str(args.pack_tokens), "--liger", str(args.liger),
+              "--pairs-per-step", str(args.pairs_per_step),
+              "--max-length", str(args.max_length), "--pack-tokens", str(args.pack_tokens), "--liger", str(args.liger),
               "--accelerator", args.accelerator]
     for name in args.runs:
         _one([sys.executable, str(HERE / "preference.py"), "run", name, *common], Path(args.out), args.timeout)

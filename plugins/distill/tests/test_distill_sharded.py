@@ -33,8 +33,10 @@ def test_ddp_zero3_and_fsdp_give_the_losses_of_one_process(student_dir, teacher_
             write_jsonl(path, gsm8k_chats(STEPS * RANKS))
         one = StepLosses()
         trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=STEPS, logger=False, callbacks=[one],
-                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
-        trainer.fit(distill(str(student_dir), str(teacher_dir), LEARNING_RATE), chat_data(tokenizer, path, batch_size=batch_size))
+                            enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False)  # fmt: skip
+        data = chat_data(tokenizer, path, batch_size=batch_size)
+        trainer.fit(distill(str(student_dir), str(teacher_dir), LEARNING_RATE), data)
         assert len(one.losses) == STEPS and one.losses[-1] < one.losses[0]
         expected[name] = one.losses
 

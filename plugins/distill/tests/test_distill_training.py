@@ -15,8 +15,8 @@ from lt_posttrain_distill import DistillModule
 
 from lt_posttrain import InstructDataModule
 
-SHORT_CHATS = [{"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]},
-               {"messages": [{"role": "user", "content": "Is 7 prime?"}, {"role": "assistant", "content": "Yes."}]}]  # fmt: skip
+SHORT_CHATS = [{"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+               for question, answer in (("2+2?", "4"), ("Is 7 prime?", "Yes."))]
 
 
 def distill(student_dir, teacher_dir, **options) -> DistillModule:

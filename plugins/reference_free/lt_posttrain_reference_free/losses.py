@@ -1,6 +1,8 @@
 """ORPO's and SimPO's losses as plain functions of each answer's mean token log-probability: neither needs a
 reference model."""
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -33,7 +35,8 @@ def orpo_losses(mean_logps: torch.Tensor, chosen_nll: torch.Tensor, beta: float)
 
 
 def simpo_losses(mean_logps: torch.Tensor, beta: float, gamma: float, label_smoothing: float = 0.0,
-                 chosen_nll: torch.Tensor | None = None, sft_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                 chosen_nll: Optional[torch.Tensor] = None,
+                 sft_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """SimPO's loss of each pair (Meng et al., 2024, eq. 6): ``-log sigmoid(beta * (m_chosen - m_rejected) - gamma)``
     of the answers' mean token log-probabilities ``m``; with ``label_smoothing`` ``e``, ``(1 - e)`` of it plus ``e``
     times the loss with the answers swapped; plus ``sft_weight * chosen_nll`` (CPO's supervised term).

@@ -59,8 +59,9 @@ class ReferenceFreePreferenceModule(SFTModule):
         super().setup(stage)
         datamodule = self.trainer.datamodule
         if stage != "predict" and datamodule is not None and not isinstance(datamodule, PreferenceDataModule):
-            raise UserError(f"model {self.short_name} learns from preference pairs: set data.class_path to preference "
-                            "(sources of type preference_pairs, rows {prompt or messages, chosen, rejected})")  # fmt: skip
+            raise UserError(f"model {self.short_name} learns from preference pairs: set data.class_path to "
+                            "preference (sources of type preference_pairs, rows {prompt or messages, chosen, "
+                            "rejected})")  # fmt: skip
 
     @property
     def short_name(self) -> str:

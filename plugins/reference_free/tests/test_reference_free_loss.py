@@ -93,7 +93,8 @@ def chosen_sequences(batch: dict) -> list[tuple]:
     if is_packed(batch):
         bounds, ids = batch["cu_seq_lens_q"].tolist(), batch["input_ids"][0].tolist()
         return [tuple(ids[start:end]) for start, end in zip(bounds[:-1:2], bounds[1::2])]
-    return [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(batch["input_ids"][::2], batch["attention_mask"][::2])]
+    chosen = zip(batch["input_ids"][::2], batch["attention_mask"][::2])
+    return [tuple(ids[mask.bool()].tolist()) for ids, mask in chosen]
 
 
 def test_mean_logps_of_a_batch_of_pairs_equal_trls(tiny_model_dir, tokenizer, pairs_file, tmp_path):

@@ -66,7 +66,8 @@ def tiled_token_logps(
     pieces = []
     for start in range(0, len(positions), tile):
         part = rows[start : start + tile], chosen_targets[start : start + tile]
-        pieces.append(checkpoint(tile_logps, *part, use_reentrant=False) if torch.is_grad_enabled() else tile_logps(*part))
+        grad = torch.is_grad_enabled()
+        pieces.append(checkpoint(tile_logps, *part, use_reentrant=False) if grad else tile_logps(*part))
     logps = torch.cat(pieces) if pieces else rows.new_zeros(0, dtype=torch.float32)
     out = torch.zeros(flat_targets.shape, dtype=torch.float32, device=hidden.device)
     return out.index_put((positions,), logps).view(targets.shape)

@@ -25,6 +25,16 @@ class PreferenceDataModule(InstructDataModule):
     def batch_dataset(self, samples) -> MicroBatchDataset:
         return PairBatchDataset(samples, self.packing, self.tokenizer.pad_token_id)
 
+    def set_reference_logps(self, split: str, values: torch.Tensor) -> None:
+        """Give every pair of ``split`` (``train`` or ``val``) its reference log-probabilities, ``values[n]`` (chosen,
+        rejected) for the split's sample ``n``; the data loaders made from now on read them as the rows' own."""
+        samples = getattr(self, f"{split}_samples").remove_columns(list(REFERENCE_COLUMNS))
+        for column, side in zip(REFERENCE_COLUMNS, values.double().unbind(-1)):
+            samples = samples.add_column(column, side.tolist())
+        setattr(self, f"{split}_samples", samples)
+        if split == "val" and self.test_sources is None:
+            self.test_samples = samples  # the test set is the validation set then
+
 
 class PairBatchDataset(MicroBatchDataset):
     """A planned micro-batch of pairs as the tensors of its sequences (padded, or packed into one row), chosen then

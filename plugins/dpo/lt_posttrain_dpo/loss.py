@@ -1,15 +1,21 @@
-"""DPO's loss and the log-probabilities it compares, as plain functions of logits and a batch of pairs."""
+"""DPO's loss and the log-probabilities it compares, as plain functions of a batch of pairs."""
 
 import torch
 import torch.nn.functional as F
 
-from lt_posttrain import Batch, sequence_logps
+from lt_posttrain import Batch, sequence_logps, sum_per_sample
 
 
 def pair_logps(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Each answer's log-probability (``lt_posttrain.sequence_logps``: the sum of ``log p(target)`` over its tokens)
     as ``[pairs, 2]``: a batch of pairs holds each pair's chosen answer, then its rejected one."""
     return sequence_logps(logits, batch).view(-1, 2)
+
+
+def pair_sums(token_logps: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """:func:`pair_logps` from per-token log-probabilities (``lt_posttrain.tiled_token_logps``, 0 where no target,
+    ``batch["targets"]``' shape) instead of logits: ``[pairs, 2]``."""
+    return sum_per_sample(token_logps, batch).view(-1, 2)
 
 
 def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:

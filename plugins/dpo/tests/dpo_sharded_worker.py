@@ -1,17 +1,22 @@
-"""DPO steps under DeepSpeed ZeRO-3 or FSDP on CPU, one rank of several (``python -m torch.distributed.run``).
+"""DPO steps on two CPU ranks under DDP, DeepSpeed ZeRO-3 and FSDP, one after the other in one launch
+(``python -m torch.distributed.run``).
 
-Lightning runs both strategies on CUDA only, so this does by hand what its ``fit`` does (as the core's
-``tests/zero3_worker.py``): the real strategy object, ``configure_model`` inside the strategy's
+DDP is Lightning's own ``fit`` (launched by torchrun, Lightning runs it in place): 1 pair a micro-batch, 2
+micro-batches accumulated, with ``precompute_reference`` (each rank scores its share of the pairs, then the reference
+is freed). Lightning runs ZeRO-3 and FSDP on CUDA only, so for those this does by hand what its ``fit`` does (as the
+core's ``tests/zero3_worker.py``): the real strategy object, ``configure_model`` inside the strategy's
 ``model_sharded_context``, then the model wrapped (``deepspeed.initialize``; ``FullyShardedDataParallel`` with the
 strategy's settings) around a module whose forward computes the loss, so the reference runs inside the model's
 forward as under Lightning. On CPU, FSDP needs the device itself (``device_id``), not the index Lightning passes.
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 dpo_sharded_worker.py \\
-        deepspeed|fsdp MODEL_DIR BATCHES LEARNING_RATE OUT_DIR
+        MODEL_DIR PAIRS_FILE BATCHES LEARNING_RATE OUT_DIR
 
-``BATCHES`` is a ``torch.save``'d list of micro-batches: step ``s`` of rank ``r`` takes ``s * world_size + r``.
-Writes ``OUT_DIR/rank-N.json``: what the rank held of the reference as created and after the steps, the step losses
-(means over every rank's pairs), and what of the reference reached the optimizer and the trained module's state dict.
+``BATCHES`` is a ``torch.save``'d list of micro-batches for ZeRO-3 and FSDP: step ``s`` of rank ``r`` takes
+``s * world_size + r``. Writes ``OUT_DIR/rank-N.json``: per strategy, the step losses (means over every rank's
+pairs); under DDP whether the reference was held during a step; under ZeRO-3 and FSDP what the rank held of the
+reference as created and after the steps, and what of the reference reached the optimizer and the trained module's
+state dict.
 """
 
 import json
@@ -26,7 +31,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from lt_posttrain.testing import leave_process_group  # noqa: E402
-from lt_posttrain_dpo import DPOModule  # noqa: E402
+from lt_posttrain_dpo import DPOModule, PreferenceDataModule  # noqa: E402
 
 
 class PairLosses(torch.nn.Module):
@@ -102,7 +107,6 @@ def fsdp(module: DPOModule, world_size: int) -> tuple[Callable, dict]:
     from lightning.pytorch.strategies import FSDPStrategy
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    torch.distributed.init_process_group("gloo")
     environment, precision = TorchElasticEnvironment(), FSDPPrecision("32-true")
     strategy = FSDPStrategy(parallel_devices=[torch.device("cpu")] * world_size, cluster_environment=environment,
                             precision_plugin=precision)  # fmt: skip
@@ -126,26 +130,54 @@ def fsdp(module: DPOModule, world_size: int) -> tuple[Callable, dict]:
     return step, {"optimized": reference_in(optimizer, module), "saved": list(wrapped.state_dict())}
 
 
-def main(strategy_name: str, model_dir: str, batches_file: str, learning_rate: str, out_dir: str) -> None:
+class StepLosses(L.Callback):
+    """The logged ``train/loss`` of each optimizer step, and whether the reference model was held during each."""
+
+    def __init__(self):
+        self.losses, self.held = [], []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self.held.append(module.reference_model is not None)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step > len(self.losses):
+            self.losses.append(float(trainer.callback_metrics["train/loss"]))
+
+
+def ddp(model_dir: str, pairs_file: str, learning_rate: float, world_size: int) -> dict:
+    """Lightning's DDP fit: 1 pair a micro-batch, 2 accumulated, on each rank, the reference precomputed."""
+    steps = StepLosses()
+    trainer = L.Trainer(accelerator="cpu", devices=world_size, strategy="ddp", max_steps=3, accumulate_grad_batches=2,
+                        logger=False, callbacks=[steps], enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)  # fmt: skip
+    data = PreferenceDataModule([{"name_or_path": pairs_file, "type": "preference_pairs"}], max_length=512,
+                                batch_size=1, shuffle=False)  # fmt: skip
+    module = DPOModule(model_dir, beta=0.5, learning_rate=learning_rate, schedule="constant", precompute_reference=True)
+    trainer.fit(module, data)
+    return {"losses": steps.losses, "held": steps.held}
+
+
+def main(model_dir: str, pairs_file: str, batches_file: str, learning_rate: str, out_dir: str) -> None:
     world_size, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    report = {"ddp": ddp(model_dir, pairs_file, float(learning_rate), world_size)}
     batches = torch.load(batches_file)
-    module = DPOModule(model_dir, beta=0.5, learning_rate=float(learning_rate))
-    sizes = partitions if strategy_name == "deepspeed" else shards
-    step, holds = {"deepspeed": zero3, "fsdp": fsdp}[strategy_name](module, world_size)
-    created, losses = sizes(module.reference_model), []
-    for index in range(rank, len(batches), world_size):
-        total = step(batches[index]).detach().clone()
-        torch.distributed.all_reduce(total)
-        losses.append(total.item() / world_size)
-    report = {
-        "created": created,
-        "after": sizes(module.reference_model),
-        "runs_in": type(module.reference_model).__name__,
-        "losses": losses,
-        "optimized": holds["optimized"],
-        "saved": [name for name in holds["saved"] if "reference" in name],
-        "saved_count": len(holds["saved"]),
-    }
+    for name, setup, sizes in (("deepspeed", zero3, partitions), ("fsdp", fsdp, shards)):
+        module = DPOModule(model_dir, beta=0.5, learning_rate=float(learning_rate))
+        step, holds = setup(module, world_size)
+        created, losses = sizes(module.reference_model), []
+        for index in range(rank, len(batches), world_size):
+            total = step(batches[index]).detach().clone()
+            torch.distributed.all_reduce(total)
+            losses.append(total.item() / world_size)
+        report[name] = {
+            "created": created,
+            "after": sizes(module.reference_model),
+            "runs_in": type(module.reference_model).__name__,
+            "losses": losses,
+            "optimized": holds["optimized"],
+            "saved": [name for name in holds["saved"] if "reference" in name],
+            "saved_count": len(holds["saved"]),
+        }
     (Path(out_dir) / f"rank-{rank}.json").write_text(json.dumps(report))
     leave_process_group()
 

@@ -1,6 +1,7 @@
 """DPO training: the loss starts at log 2 and a step widens the chosen-over-rejected margin; the step's gradient is
-the mean over its pairs whatever the batching; precomputed reference log-probabilities give the same loss; a recipe
-picks it all by short names."""
+the mean over its pairs whatever the batching; the tiled log-probabilities are the full logits'; reference
+log-probabilities read from the data, or computed before training with the reference then freed, give the live
+reference's losses, resumed runs included; a recipe picks it all by short names."""
 
 import csv
 import math
@@ -12,7 +13,8 @@ import pytest
 import torch
 import yaml
 from dpo_rows import gsm8k_pairs, write_jsonl
-from lt_posttrain_dpo import DPOModule, PreferenceDataModule
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lt_posttrain_dpo import DPOModule, PreferenceDataModule, sequence_logps
 
 
 def pairs_data(tokenizer, path, **options) -> PreferenceDataModule:
@@ -98,18 +100,82 @@ def test_reference_is_kept_out_of_the_optimizer_and_checkpoints(tiny_model_dir, 
 
 
 def test_precomputed_reference_gives_the_same_losses(tiny_model_dir, tokenizer, tmp_path):
+    """Reference log-probabilities read from the rows give the loss of the live reference. They are scored here in
+    the micro-batch the comparison uses: a sequence padded to another width sums its ~200 token log-probabilities
+    (~2,000 nats) in another order, which moves the float32 sum by about its last unit (1e-4), the loss by 1e-5, and
+    would test the rounding instead of the data path."""
     rows = gsm8k_pairs(4)
     module = dpo(tiny_model_dir)
-    with torch.no_grad():  # the reference log-probabilities, row by row, as a preprocessing job would write them
-        one_by_one = pairs_data(tokenizer, write_jsonl(tmp_path / "a.jsonl", rows), batch_size=1).train_dataloader()
-        for row, batch in zip(rows, one_by_one):
-            row["reference_chosen_logp"], row["reference_rejected_logp"] = module.reference_logps(batch)[0].tolist()
+    batch = next(iter(pairs_data(tokenizer, write_jsonl(tmp_path / "a.jsonl", rows), batch_size=4).train_dataloader()))
+    with torch.no_grad():  # as a job that scores the pairs would write them
+        for row, logps in zip(rows, module.reference_logps(batch).tolist()):
+            row["reference_chosen_logp"], row["reference_rejected_logp"] = logps
     precomputed = dpo(tiny_model_dir, precomputed_reference=True)
     assert precomputed.reference_model is None
     precomputed.model.load_state_dict(module.model.state_dict())
     batch = next(iter(pairs_data(tokenizer, write_jsonl(tmp_path / "b.jsonl", rows), batch_size=4).train_dataloader()))
+    assert torch.equal(batch["reference_logps"].float(), module.reference_logps(batch).float())
     with torch.no_grad():
         assert precomputed.pair_losses(batch)[0] == pytest.approx(module.pair_losses(batch)[0], abs=1e-6)
+
+
+class StepLosses(L.Callback):
+    """Each step's ``train/loss``, the last ``val/loss``, and whether the reference model was held during a step."""
+
+    def __init__(self):
+        self.losses, self.held = [], []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self.held.append(module.reference_model is not None)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step > len(self.losses):
+            self.losses.append(float(trainer.callback_metrics["train/loss"]))
+
+
+def fit(model_dir, path, max_steps: int, checkpoint=None, save_to=None, **options) -> tuple[StepLosses, L.Trainer]:
+    """A fit of ``max_steps`` on ``path``'s pairs, 2 a micro-batch, in order, validated after step 3; resumed from
+    ``checkpoint``; saving every 2 steps to ``save_to``."""
+    losses = StepLosses()
+    saving = [ModelCheckpoint(save_to, every_n_train_steps=2, save_top_k=-1)] if save_to else []
+    trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, val_check_interval=3, logger=False,
+                        callbacks=[losses, *saving], enable_checkpointing=bool(save_to), enable_progress_bar=False,
+                        enable_model_summary=False)  # fmt: skip
+    data = PreferenceDataModule([{"name_or_path": str(path), "type": "preference_pairs"}], max_length=512,
+                                batch_size=2, shuffle=False, val_fraction=0.25)  # fmt: skip
+    trainer.fit(DPOModule(str(model_dir), beta=0.5, learning_rate=1e-3, **options), data, ckpt_path=checkpoint)
+    return losses, trainer
+
+
+def test_precompute_reference_gives_the_live_losses_without_holding_the_reference(tiny_model_dir, tmp_path):
+    """The reference scores every training and validation pair before the first step and is then freed: the steps'
+    losses and the validation loss are the live reference's, and a run resumed from a checkpoint (which scores the
+    pairs again) continues with the losses of the run never stopped."""
+    path = write_jsonl(tmp_path / "pairs.jsonl", gsm8k_pairs(12))
+    live, live_trainer = fit(tiny_model_dir, path, 3)
+    precomputed, trainer = fit(tiny_model_dir, path, 3, save_to=tmp_path / "saved", precompute_reference=True)
+    assert all(live.held) and not any(precomputed.held)
+    assert len(live.losses) == 3 and precomputed.losses == pytest.approx(live.losses, abs=1e-6)
+    validation = float(trainer.callback_metrics["val/loss"])
+    assert validation == pytest.approx(float(live_trainer.callback_metrics["val/loss"]), abs=1e-6)
+
+    [saved] = (tmp_path / "saved").glob("*step=2.ckpt")
+    resumed, resumed_trainer = fit(tiny_model_dir, path, 3, checkpoint=saved, precompute_reference=True)
+    assert resumed.losses == pytest.approx(precomputed.losses[2:], abs=1e-6) and not any(resumed.held)
+    assert float(resumed_trainer.callback_metrics["val/loss"]) == pytest.approx(validation, abs=1e-6)
+
+
+def test_tiled_log_probabilities_are_those_of_the_full_logits(tiny_model_dir, tokenizer, pairs_file):
+    """The policy's and the reference's answer log-probabilities, from the hidden states and the head a tile at a
+    time, equal ``sequence_logps`` of the full logits, packed or padded."""
+    module = dpo(tiny_model_dir)
+    for packing in (False, True):
+        batch = next(iter(pairs_data(tokenizer, pairs_file, batch_size=4, packing=packing).train_dataloader()))
+        with torch.no_grad():
+            full = sequence_logps(module(batch), batch).view(-1, 2)
+            # each token's value agrees to an ulp or two, so a sum over ~200 tokens to about 1e-6 of itself
+            assert module.policy_logps(batch) == pytest.approx(full, rel=1e-5)
+            assert torch.equal(module.reference_logps(batch), module.policy_logps(batch))  # the same arithmetic
 
 
 def lt_posttrain(*args):

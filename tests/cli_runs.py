@@ -47,6 +47,20 @@ def fit_args(recipe: Path, root: Path, name: str, *args) -> list[str]:
 
 
 # -- runs ----------------------------------------------------------------------------------------------------------
+def command_here(capsys, *args) -> SimpleNamespace:
+    """``lt-posttrain ARGS`` in this process (seconds faster than a new one, which imports torch, Lightning and
+    transformers again): its exit status and what the command printed on stdout and stderr (libraries' log lines
+    go to the process's own stderr and are not in it)."""
+    capsys.readouterr()
+    try:
+        main([str(arg) for arg in args])
+        code = 0
+    except SystemExit as exit:
+        code = 0 if exit.code is None else exit.code
+    out, err = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out, stderr=err)
+
+
 def failing_here(capsys, *args) -> SimpleNamespace:
     """``lt-posttrain ARGS`` in this process (seconds faster than a new one), expected to fail: its exit status and
     stderr, as ``test_cli.assert_one_line_error`` reads them."""

@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from cli_runs import command_here
 from conftest import gsm8k_chats, write_jsonl
 from lt_posttrain import run
 
@@ -17,6 +18,13 @@ def lt_posttrain(*args, cwd=None, timeout=600):
     return subprocess.run(
         [sys.executable, "-m", "lt_posttrain.cli", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout
     )
+
+
+@pytest.fixture
+def here(capsys):
+    """``here(*args)``: ``lt-posttrain ARGS`` in this process (:func:`cli_runs.command_here`); ``lt_posttrain`` runs
+    the installed command in a process of its own."""
+    return lambda *args: command_here(capsys, *args)
 
 
 @pytest.fixture(scope="module")
@@ -38,36 +46,36 @@ def test_missing_model_path(chats, tmp_path):
     assert_one_line_error(result, "model.name_or_path", "no-such-model")
 
 
-def test_missing_data_file(tiny_model_dir, tmp_path):
+def test_missing_data_file(tiny_model_dir, tmp_path, here):
     missing = tmp_path / "missing.jsonl"
-    result = lt_posttrain("fit", "--model.name_or_path", tiny_model_dir, "--data.sources", f"[{missing}]",
-                          "--trainer.default_root_dir", tmp_path)  # fmt: skip
+    result = here("fit", "--model.name_or_path", tiny_model_dir, "--data.sources", f"[{missing}]",
+                  "--trainer.default_root_dir", tmp_path)  # fmt: skip
     assert_one_line_error(result, "missing.jsonl", "no such file")
 
 
-def test_unknown_config_key_suggests_the_closest(tiny_model_dir, chats, tmp_path):
+def test_unknown_config_key_suggests_the_closest(tiny_model_dir, chats, tmp_path, here):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({"model": {"name_or_path": str(tiny_model_dir), "learnin_rate": 1e-4},
                                       "data": {"sources": [str(chats)]}}))  # fmt: skip
-    assert_one_line_error(lt_posttrain("fit", "--config", recipe), "model.learnin_rate", "model.learning_rate")
-    result = lt_posttrain("fit", "--config", recipe.with_name("none.yaml"), "--trainer.max_step", "3")
+    assert_one_line_error(here("fit", "--config", recipe), "model.learnin_rate", "model.learning_rate")
+    result = here("fit", "--config", recipe.with_name("none.yaml"), "--trainer.max_step", "3")
     assert result.returncode == 2
 
 
-def test_unknown_command_line_key_and_wrong_type(tiny_model_dir, chats):
+def test_unknown_command_line_key_and_wrong_type(tiny_model_dir, chats, here):
     base = ("fit", "--model.name_or_path", tiny_model_dir, "--data.sources", f"[{chats}]")
-    assert_one_line_error(lt_posttrain(*base, "--trainer.max_step", "3"), "trainer.max_step", "trainer.max_steps")
-    assert_one_line_error(lt_posttrain(*base, "--data.batch_size", "four"), "data.batch_size", "four")
+    assert_one_line_error(here(*base, "--trainer.max_step", "3"), "trainer.max_step", "trainer.max_steps")
+    assert_one_line_error(here(*base, "--data.batch_size", "four"), "data.batch_size", "four")
 
 
-def test_malformed_yaml(tmp_path):
+def test_malformed_yaml(tmp_path, here):
     recipe = tmp_path / "broken.yaml"
     recipe.write_text("model:\n  name_or_path: x\n  - oops: [\n")
-    assert_one_line_error(lt_posttrain("fit", "--config", recipe), "malformed YAML", "broken.yaml", "line")
+    assert_one_line_error(here("fit", "--config", recipe), "malformed YAML", "broken.yaml", "line")
 
 
-def test_print_config_shows_the_contract_keys(tiny_model_dir, chats):
-    result = lt_posttrain("fit", "--model.name_or_path", tiny_model_dir, "--data.sources", f"[{chats}]", "--print_config")
+def test_print_config_shows_the_contract_keys(tiny_model_dir, chats, here):
+    result = here("fit", "--model.name_or_path", tiny_model_dir, "--data.sources", f"[{chats}]", "--print_config")
     assert result.returncode == 0, result.stderr[-2000:]
     config = yaml.safe_load(result.stdout)
     assert config["model"]["init_args"]["name_or_path"] == str(tiny_model_dir)
@@ -98,15 +106,15 @@ def test_python_api_runs_a_dict_recipe_and_saves_config_and_model(tiny_model_dir
         assert (tensor == trained[name]).all(), name
 
 
-def test_validate_test_and_predict_subcommands(tiny_model_dir, chats, tmp_path):
+def test_validate_test_and_predict_subcommands(tiny_model_dir, chats, tmp_path, here):
     common = ("--model.name_or_path", tiny_model_dir, "--data.sources", f"[{chats}]", "--data.val_fraction", "0.25",
               "--trainer.accelerator", "cpu", "--trainer.default_root_dir", tmp_path)  # fmt: skip
     for command in ("validate", "test"):
-        result = lt_posttrain(command, *common)
+        result = here(command, *common)
         assert result.returncode == 0, result.stderr[-2000:]
         assert ("val/loss" if command == "validate" else "test/loss") in result.stdout
     output = tmp_path / "predictions.jsonl"
-    result = lt_posttrain("predict", *common, "--model.max_new_tokens", "4", "--data.batch_size", "3",
+    result = here("predict", *common, "--model.max_new_tokens", "4", "--data.batch_size", "3",
                           "--predictions.output_path", output)  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     records = [json.loads(line) for line in output.read_text().splitlines()]
@@ -116,20 +124,17 @@ def test_validate_test_and_predict_subcommands(tiny_model_dir, chats, tmp_path):
     assert all(isinstance(record["generated"], str) for record in records)
 
 
-def test_custom_trainer_from_the_command_line(tiny_model_dir, chats, tmp_path):
+def test_custom_trainer_from_the_command_line(tiny_model_dir, chats, tmp_path, here):
     """``--model pkg.Class`` picks a subclass; its ``loss`` is used and its own arguments are keys."""
     import csv
-    import os
 
     def first_loss(*model_args) -> float:
         root = tmp_path / "-".join(model_args or ("sft",)).replace(".", "_")
-        result = subprocess.run(
-            [sys.executable, "-m", "lt_posttrain.cli", "fit", *model_args, "--model.name_or_path", str(tiny_model_dir),
-             "--data.sources", f"[{chats}]", "--trainer.accelerator", "cpu", "--trainer.max_steps", "1",
-             "--trainer.log_every_n_steps", "1", "--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", str(root),
-             "--checkpoint.save_end_of_training", "false", "--trainer.enable_checkpointing", "false"],
-            capture_output=True, text=True, timeout=600,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])},
+        result = here(
+            "fit", *model_args, "--model.name_or_path", str(tiny_model_dir), "--data.sources", f"[{chats}]",
+            "--trainer.accelerator", "cpu", "--trainer.max_steps", "1", "--trainer.log_every_n_steps", "1",
+            "--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", str(root),
+            "--checkpoint.save_end_of_training", "false", "--trainer.enable_checkpointing", "false",
         )  # fmt: skip
         assert result.returncode == 0, result.stderr[-2000:]
         metrics = next(root.rglob("metrics.csv"))

@@ -11,10 +11,18 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cli_runs import command_here
 from conftest import gsm8k_chats, write_jsonl
 from lt_posttrain.data.stats import percentile, sample_stats
 from lt_posttrain.data.tokenize import count_loss_tokens, tokenize_conversation
-from test_cli import assert_one_line_error, lt_posttrain
+from test_cli import assert_one_line_error
+
+
+@pytest.fixture
+def lt_posttrain(capsys):
+    """``lt_posttrain(*args)``: the command in this process (:func:`cli_runs.command_here`); ``fit`` reusing what
+    ``prepare`` cached runs in processes of its own."""
+    return lambda *args: command_here(capsys, *args)
 
 MAX_LENGTH = 128  # cuts most GSM8K chats and leaves no answer token in a few (prompts of 137+ tokens)
 NO_ANSWER = {"messages": [{"role": "user", "content": "A question nobody answers."}]}
@@ -98,7 +106,7 @@ def test_sample_stats_of_a_dataset_with_input_ids_only():
 
 
 # -- prepare -------------------------------------------------------------------------------------------------------
-def test_prepare_json_counts_every_row(tiny_model_dir, chats_file, rows, tokenizer, tmp_path):
+def test_prepare_json_counts_every_row(tiny_model_dir, chats_file, rows, tokenizer, tmp_path, lt_posttrain):
     """Flat sections as in configs/quickstart.yaml; ``--data.max_length`` and ``--data.val_fraction`` given on the
     command line win over the recipe."""
     config = recipe(tmp_path / "r.yaml", {"name_or_path": str(tiny_model_dir), "learning_rate": 1e-4},
@@ -124,7 +132,8 @@ def test_prepare_json_counts_every_row(tiny_model_dir, chats_file, rows, tokeniz
     assert 0 < train["packed_rows"] <= train["samples"]
 
 
-def test_prepare_table_with_class_path_sections(tiny_model_dir, chats_file, rows, tokenizer, tmp_path):
+def test_prepare_table_with_class_path_sections(tiny_model_dir, chats_file, rows, tokenizer, tmp_path,
+                                                 lt_posttrain):
     """``class_path``/``init_args`` sections as ``fit --print_config`` writes them; ``--data.sources`` replaces the
     recipe's (missing) file."""
     config = recipe(
@@ -168,7 +177,8 @@ def test_fit_reuses_what_prepare_tokenized(tiny_model_dir, chats_file, tmp_path)
 
 
 # -- preview -------------------------------------------------------------------------------------------------------
-def test_preview_json_is_the_tokenized_first_rows(tiny_model_dir, chats_file, rows, tokenizer, tmp_path):
+def test_preview_json_is_the_tokenized_first_rows(tiny_model_dir, chats_file, rows, tokenizer, tmp_path,
+                                                  lt_posttrain):
     config = recipe(tmp_path / "r.yaml", {"name_or_path": str(tiny_model_dir)},
                     {"sources": [str(chats_file)], "max_length": MAX_LENGTH, "val_fraction": 0.25})  # fmt: skip
     result = lt_posttrain("data", "preview", "--config", config, "--num", 12, "--format", "json")
@@ -188,7 +198,7 @@ def test_preview_json_is_the_tokenized_first_rows(tiny_model_dir, chats_file, ro
     assert any(len(record["input_ids"]) == MAX_LENGTH for record in records)  # cut samples are shown as trained
 
 
-def test_preview_text_shows_the_conversation(tiny_model_dir, chats_file, rows, tmp_path):
+def test_preview_text_shows_the_conversation(tiny_model_dir, chats_file, rows, tmp_path, lt_posttrain):
     config = recipe(tmp_path / "r.yaml", {"name_or_path": str(tiny_model_dir)}, {"sources": [str(chats_file)]})
     result = lt_posttrain("data", "preview", "--config", config, "--num", 2)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -214,7 +224,7 @@ def test_token_pieces_add_up_to_the_text(tokenizer):
     assert "" in pieces  # a character spread over tokens comes out whole, with the token that completes it
 
 
-def test_help():
+def test_help(lt_posttrain):
     result = lt_posttrain("data", "preview", "--help")
     assert result.returncode == 0 and "--num" in result.stdout and "--format" in result.stdout
     result = lt_posttrain("data", "--help")
@@ -223,7 +233,7 @@ def test_help():
 
 
 # -- bad input -----------------------------------------------------------------------------------------------------
-def test_bad_input_is_one_line(tiny_model_dir, chats_file, tmp_path):
+def test_bad_input_is_one_line(tiny_model_dir, chats_file, tmp_path, lt_posttrain):
     missing = tmp_path / "none.yaml"
     assert_one_line_error(lt_posttrain("data", "prepare", "--config", missing), "none.yaml", "does not exist")
     bad_key = recipe(tmp_path / "bad.yaml", {"name_or_path": str(tiny_model_dir)},
@@ -239,7 +249,7 @@ def test_bad_input_is_one_line(tiny_model_dir, chats_file, tmp_path):
     assert_one_line_error(lt_posttrain("data", "prepar", "--config", good), "prepar")
 
 
-def test_data_commands_accept_every_section_of_a_fit_recipe(tiny_model_dir, chats_file):
+def test_data_commands_accept_every_section_of_a_fit_recipe(tiny_model_dir, chats_file, lt_posttrain):
     """A recipe that ``fit`` accepts is a recipe ``data prepare`` and ``data preview`` accept."""
     import inspect
 

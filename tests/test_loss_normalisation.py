@@ -58,14 +58,20 @@ def test_lengths_really_differ_tenfold(uneven_data, tiny_model_dir, tokenizer):
     assert max(counts) >= 10 * min(counts)
 
 
+@pytest.fixture(scope="module")
+def one_batch_grads(uneven_data, tiny_model_dir) -> dict:
+    """The step's gradients with the four chats in one padded micro-batch."""
+    return fit_one_step(tiny_model_dir, uneven_data, batch_size=4, accumulate=1, packing=False)[0]
+
+
 @pytest.mark.parametrize(
     "batch_size,accumulate,packing",
     [(1, 4, False), (2, 2, False), (4, 1, True), (1, 4, True), (2, 2, True)],
 )
-def test_gradients_do_not_depend_on_batching(uneven_data, tiny_model_dir, batch_size, accumulate, packing):
-    reference, _ = fit_one_step(tiny_model_dir, uneven_data, batch_size=4, accumulate=1, packing=False)
+def test_gradients_do_not_depend_on_batching(uneven_data, tiny_model_dir, one_batch_grads, batch_size, accumulate,
+                                             packing):  # fmt: skip
     grads, _ = fit_one_step(tiny_model_dir, uneven_data, batch_size=batch_size, accumulate=accumulate, packing=packing)
-    assert_same_grads(reference, grads)
+    assert_same_grads(one_batch_grads, grads)
 
 
 def test_gradient_is_token_mean_not_mean_of_means(uneven_data, tiny_model_dir, tokenizer):
@@ -114,30 +120,20 @@ def cli_fit_args(model_dir, data, devices: int, batch_size: int, max_steps: int,
 
 
 def test_two_process_ddp_matches_one_process(uneven_data, tiny_model_dir, tmp_path):
-    """Two gloo ranks with micro-batch 2 give the gradients of one process with micro-batch 4 (real CLI runs)."""
+    """Two gloo ranks with micro-batch 2 give the gradients of one process with micro-batch 4, and over three
+    optimizer steps (three epochs of the four uneven chats) log its losses, so the updates between the steps agree
+    too (real CLI runs; one pair of runs checks both)."""
 
-    def cli_grads(devices: int, batch_size: int) -> dict:
-        path = tmp_path / f"grads-{devices}.pt"
-        fit(tmp_path, *cli_fit_args(tiny_model_dir, uneven_data, devices, batch_size, 1, tmp_path),
-            "--trainer.logger=false", "--trainer.callbacks+=grad_capture.GradCapture",
-            f"--trainer.callbacks.path={path}")  # fmt: skip
-        return torch.load(path)
-
-    assert_same_grads(cli_grads(1, 4), cli_grads(2, 2))
-
-
-def test_two_process_ddp_logs_the_per_step_losses_of_one_process(uneven_data, tiny_model_dir, tmp_path):
-    """Three optimizer steps (three epochs of the four uneven chats): two gloo ranks with micro-batch 2 log the
-    losses of one process with micro-batch 4, so the updates between the steps agree too."""
-
-    def cli_losses(devices: int, batch_size: int) -> list[float]:
-        logs = tmp_path / f"logs-{devices}"
+    def cli_run(devices: int, batch_size: int) -> tuple[dict, list[float]]:
+        grads, logs = tmp_path / f"grads-{devices}.pt", tmp_path / f"logs-{devices}"
         fit(tmp_path, *cli_fit_args(tiny_model_dir, uneven_data, devices, batch_size, 3, tmp_path),
             "--model.learning_rate=1e-3", "--trainer.logger=CSVLogger", f"--trainer.logger.save_dir={logs}",
-            "--trainer.log_every_n_steps=1")  # fmt: skip
-        return logged_losses(logs)
+            "--trainer.log_every_n_steps=1", "--trainer.callbacks+=grad_capture.GradCapture",
+            f"--trainer.callbacks.path={grads}")  # fmt: skip
+        return torch.load(grads), logged_losses(logs)
 
-    one, two = cli_losses(1, 4), cli_losses(2, 2)
+    (one_grads, one), (two_grads, two) = cli_run(1, 4), cli_run(2, 2)
+    assert_same_grads(one_grads, two_grads)  # of the first step
     assert len(one) == 3 and one[2] < one[0]  # it trains: the same updates are what make the later steps agree
     assert two == pytest.approx(one, rel=1e-5)
 

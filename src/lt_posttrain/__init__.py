@@ -19,7 +19,7 @@ from lt_posttrain.batch import (
     sum_per_sample,
 )
 from lt_posttrain.callbacks.hf_export import HFCheckpoint
-from lt_posttrain.data.collate import collate_packed, collate_padded
+from lt_posttrain.data.collate import StaticShape, collate_packed, collate_padded, pad_to_static
 from lt_posttrain.data.datamodule import InstructDataModule
 from lt_posttrain.data.dataset import (
     LONGER_THAN_MAX,
@@ -81,13 +81,15 @@ __all__ = [
     "MicroBatchDataset",
     "collate_packed",
     "collate_padded",
+    "StaticShape",
+    "pad_to_static",
     # running, exporting, errors
     "run",
     "HFCheckpoint",
     "UserError",
 ]
 __version__ = "0.1.0"
-__api_version__ = "1.1"
+__api_version__ = "1.2"
 
 
 def __getattr__(name: str):

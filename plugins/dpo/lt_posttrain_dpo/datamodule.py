@@ -18,6 +18,8 @@ class PreferenceDataModule(InstructDataModule):
     loss is divided by its number of pairs (``data prepare`` counts them as its 'loss tokens').
     """
 
+    sequences_per_sample = 2  # a pair is two sequences in a batch (for data.static_shapes)
+
     def tokenize(self, sources):
         return load_samples(sources, self.tokenizer, self.max_length, self.chat_template, self.overlong,
                             self.num_proc, tokenize=tokenize_pairs)  # fmt: skip

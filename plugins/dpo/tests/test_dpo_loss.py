@@ -7,7 +7,7 @@ import pytest
 import torch
 from lt_posttrain_dpo import dpo_loss, sequence_logps
 
-from lt_posttrain import collate_packed, collate_padded
+from lt_posttrain import StaticShape, collate_packed, collate_padded, pad_to_static
 
 
 def test_loss_is_log_2_where_policy_equals_reference():
@@ -30,8 +30,9 @@ def test_gradient_raises_the_chosen_and_lowers_the_rejected():
     assert losses.detach() == pytest.approx(-torch.nn.functional.logsigmoid(margin).detach())
 
 
+@pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize("packing", [False, True])
-def test_sequence_logps_sum_the_target_tokens_of_each_sequence(packing):
+def test_sequence_logps_sum_the_target_tokens_of_each_sequence(packing, static):
     torch.manual_seed(0)
     vocab, lengths = 11, [5, 3, 7]
     labels = [[-100, -100, *torch.randint(vocab, (n - 2,)).tolist()] for n in lengths]  # the first two: no loss
@@ -42,6 +43,12 @@ def test_sequence_logps_sum_the_target_tokens_of_each_sequence(packing):
     else:
         batch = collate_padded(samples, pad_id=0)
         logits = torch.nn.utils.rnn.pad_sequence(per_sample_logits, batch_first=True, padding_value=5.0)
+    if static:  # data.static_shapes: padding samples (packed) or rows and columns (padded) after the sequences
+        shape = StaticShape(tokens=24, samples=8, longest=7) if packing else StaticShape(10, 4, 10)
+        batch = pad_to_static(batch, shape, pad_id=0)
+        rows, width = logits.shape[:2]
+        logits = torch.cat([logits, torch.randn(rows, batch["input_ids"].shape[1] - width, vocab)], dim=1)
+        logits = torch.cat([logits, torch.randn(batch["input_ids"].shape[0] - rows, *logits.shape[1:])])
     expected = []
     for sample, sample_logits in zip(samples, per_sample_logits):
         targets = sample["labels"][1:] + [-100]  # position i predicts label i + 1

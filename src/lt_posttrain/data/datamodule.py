@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from lt_posttrain.data.collate import pad_to_static, static_shape
 from lt_posttrain.data.dataset import MicroBatchDataset, describe_dropped, load_samples
 from lt_posttrain.data.mixing import mixture_indices
 from lt_posttrain.data.packing import pack_best_fit
@@ -43,7 +44,15 @@ class InstructDataModule(L.LightningDataModule):
         num_workers: data-loader worker processes.
         overlong: what happens to a sample longer than ``max_length``: ``truncate`` (cut, counted) or ``drop``.
         num_proc: processes that tokenize in parallel (the result is cached on disk either way).
+        static_shapes: give every micro-batch of a loader the same shapes, so that a compiled model
+            (``model.compile``) is compiled once: a packed row padded to the tokens of the ``batch_size`` fullest
+            packs with padding samples (no loss), its sample boundaries to a fixed count, ``max_length_q/k`` fixed to
+            the longest sample; padded batches ``batch_size`` rows as wide as the longest sample. Padding costs compute
+            and carries no loss; token counts and throughput leave it out.
     """
+
+    sequences_per_sample = 1
+    """Sequences a training sample becomes in a batch (a subclass that trains on pairs of answers sets 2)."""
 
     def __init__(
         self,
@@ -60,6 +69,7 @@ class InstructDataModule(L.LightningDataModule):
         num_workers: int = 0,
         overlong: Literal["truncate", "drop"] = "truncate",
         num_proc: Optional[int] = None,
+        static_shapes: bool = False,
     ):
         super().__init__()
         if not sources:
@@ -72,7 +82,7 @@ class InstructDataModule(L.LightningDataModule):
         self.val_fraction = val_fraction
         self.max_length, self.batch_size, self.packing = max_length, batch_size, packing
         self.shuffle, self.seed, self.num_workers = shuffle, seed, num_workers
-        self.overlong, self.num_proc = overlong, num_proc
+        self.overlong, self.num_proc, self.static_shapes = overlong, num_proc, static_shapes
         self.chat_template = _read_template(chat_template)
         self.tokenizer = None
         self.train_samples = self.val_samples = self.test_samples = None
@@ -170,8 +180,16 @@ class InstructDataModule(L.LightningDataModule):
         pin = trainer is not None and trainer.strategy.root_device.type == "cuda"
         return StatefulDataLoader(
             self.batch_dataset(samples), sampler=sampler, batch_size=None, num_workers=self.num_workers,
-            generator=generator, pin_memory=pin,
+            generator=generator, pin_memory=pin, collate_fn=self._static_padding(samples, packs),
         )  # fmt: skip
+
+    def _static_padding(self, samples, packs) -> Optional[partial]:
+        """With ``static_shapes``, what pads each batch of a loader over ``samples`` and ``packs`` to their one
+        shape; None without."""
+        if not self.static_shapes:
+            return None
+        shape = static_shape(samples["length"][:], packs, self.batch_size, self.packing, self.sequences_per_sample)
+        return partial(pad_to_static, shape=shape, pad_id=self.tokenizer.pad_token_id)
 
     def train_dataloader(self):
         return self._loader(self.train_samples, self.train_packs, train=True)

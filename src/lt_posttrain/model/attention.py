@@ -7,8 +7,8 @@ it, so transformers never builds a dense mask. Sample boundaries arrive as ``cu_
 is exact for every real token.
 """
 
-import functools
 import inspect
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -23,11 +23,19 @@ def _expand_kv(key: torch.Tensor, value: torch.Tensor, heads: int, dim: int):
     return key.repeat_interleave(groups, dim=dim), value.repeat_interleave(groups, dim=dim)
 
 
-@functools.cache
-def _varlen_attn_takes_enable_gqa() -> bool:
-    from torch.nn.attention.varlen import varlen_attn
+_VARLEN_TAKES_GQA: Optional[bool] = None  # read once, outside any compiled code (dynamo cannot trace inspect)
 
-    return "enable_gqa" in inspect.signature(varlen_attn).parameters
+
+def _varlen_attn_takes_enable_gqa() -> bool:
+    global _VARLEN_TAKES_GQA
+    if _VARLEN_TAKES_GQA is None:
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+        except ImportError:  # a torch without the varlen kernel: the CPU path is used
+            _VARLEN_TAKES_GQA = False
+        else:
+            _VARLEN_TAKES_GQA = "enable_gqa" in inspect.signature(varlen_attn).parameters
+    return _VARLEN_TAKES_GQA
 
 
 def _varlen_cuda(query, key, value, cu_q, cu_k, max_q, max_k, scaling):
@@ -44,15 +52,82 @@ def _varlen_cuda(query, key, value, cu_q, cu_k, max_q, max_k, scaling):
     return out.view(batch, tokens, heads, dim)
 
 
-def _per_sample(query, key, value, cu_q, scaling):
+def _per_sample_loop(query, key, value, cu_seq_lens, scale):
     key, value = _expand_kv(key, value, query.shape[1], dim=1)
-    out = torch.empty_like(query)
-    bounds = cu_q.tolist()
+    out = torch.zeros_like(query)
+    bounds = cu_seq_lens.tolist()
     for start, end in zip(bounds, bounds[1:]):
-        out[..., start:end, :] = F.scaled_dot_product_attention(
-            query[..., start:end, :], key[..., start:end, :], value[..., start:end, :], is_causal=True, scale=scaling
-        )
-    return out.transpose(1, 2)
+        if end > start:  # static shapes pad the boundaries with zero-length samples
+            out[..., start:end, :] = F.scaled_dot_product_attention(
+                query[..., start:end, :], key[..., start:end, :], value[..., start:end, :], is_causal=True, scale=scale
+            )
+    return out
+
+
+# The per-sample loop as one operator: torch.compile sees an opaque call (the loop reads the boundaries on the host,
+# which would break the compiled graph and recompile for every new set of lengths), and selective checkpointing sees
+# one attention operator whose output it can keep, as on the GPU.
+@torch.library.custom_op("lt_posttrain::per_sample_attention", mutates_args=())
+def per_sample_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seq_lens: torch.Tensor, scale: Optional[float]
+) -> torch.Tensor:
+    """Causal attention of each sample marked by ``cu_seq_lens`` to itself alone, one SDPA call per sample;
+    ``[batch, heads, tokens, dim]`` in and out (key and value may have fewer heads)."""
+    return _per_sample_loop(query, key, value, cu_seq_lens, scale)
+
+
+@per_sample_attention.register_fake
+def _(query, key, value, cu_seq_lens, scale):
+    return torch.empty_like(query)
+
+
+@torch.library.custom_op("lt_posttrain::per_sample_attention_backward", mutates_args=())
+def per_sample_attention_backward(
+    grad: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seq_lens: torch.Tensor,
+    scale: Optional[float],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The gradients of :func:`per_sample_attention`'s query, key and value, sample by sample (softmax attention's
+    backward written out, in float32)."""
+    heads, kv_heads = query.shape[1], key.shape[1]
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    q, g = query.float(), grad.float()
+    k, v = (tensor.float().repeat_interleave(heads // kv_heads, dim=1) for tensor in (key, value))
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    bounds = cu_seq_lens.tolist()
+    for start, end in zip(bounds, bounds[1:]):
+        if end == start:
+            continue
+        part = slice(start, end)
+        scores = q[..., part, :] @ k[..., part, :].transpose(-1, -2) * scale
+        causal = torch.ones(end - start, end - start, dtype=torch.bool, device=q.device).tril()
+        probs = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+        dv[..., part, :] = probs.transpose(-1, -2) @ g[..., part, :]
+        dprobs = g[..., part, :] @ v[..., part, :].transpose(-1, -2)
+        dscores = probs * (dprobs - (dprobs * probs).sum(dim=-1, keepdim=True)) * scale
+        dq[..., part, :] = dscores @ k[..., part, :]
+        dk[..., part, :] = dscores.transpose(-1, -2) @ q[..., part, :]
+    groups = (query.shape[0], kv_heads, heads // kv_heads, *key.shape[2:])
+    dk, dv = (tensor.view(groups).sum(dim=2) for tensor in (dk, dv))  # each key/value head serves its group
+    return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype)
+
+
+@per_sample_attention_backward.register_fake
+def _(grad, query, key, value, cu_seq_lens, scale):
+    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+
+
+def _save_attention_inputs(ctx, inputs, output):
+    query, key, value, cu_seq_lens, scale = inputs
+    ctx.save_for_backward(query, key, value, cu_seq_lens)
+    ctx.scale = scale
+
+
+def _attention_backward(ctx, grad):
+    query, key, value, cu_seq_lens = ctx.saved_tensors
+    return (*per_sample_attention_backward(grad, query, key, value, cu_seq_lens, ctx.scale), None, None)
+
+
+per_sample_attention.register_autograd(_attention_backward, setup_context=_save_attention_inputs)
 
 
 def varlen_attention(module, query, key, value, attention_mask=None, dropout=0.0, scaling=None, **kwargs):
@@ -70,7 +145,7 @@ def varlen_attention(module, query, key, value, attention_mask=None, dropout=0.0
         q, k, v = query.to(dtype), key.to(dtype), value.to(dtype)
         out = _varlen_cuda(q, k, v, cu_q, cu_k, kwargs["max_length_q"], kwargs["max_length_k"], scaling)
         return out.to(query.dtype), None
-    return _per_sample(query, key, value, cu_q, scaling), None
+    return per_sample_attention(query, key, value, cu_q, scaling).transpose(1, 2), None
 
 
 def _flash_dtype(query: torch.Tensor):
@@ -88,4 +163,5 @@ def register_varlen_attention() -> str:
     from transformers import AttentionInterface
 
     AttentionInterface.register(VARLEN, varlen_attention)
+    _varlen_attn_takes_enable_gqa()
     return VARLEN

@@ -132,6 +132,33 @@ def test_optimizer_steps_cover_the_same_rows_whatever_the_split(shuffle):
         assert reference[0][0] == sorted(tuple(pack) for pack in packs[:4])
 
 
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_every_micro_batch_knows_its_whole_step_in_one_order_whatever_the_split(shuffle):
+    """``step_packs``: the step's packs on every rank, in one order for every split; ``step_micro_batches``: this
+    rank's micro-batches of the step, in the order they run, the first of them ``first_of_step``."""
+    packs, loss_counts = make_packs(24)
+    reference = None
+    for batch_size, accumulate, world_size in CONFIGS:
+        steps: dict[int, list[tuple]] = {}
+        for rank in range(world_size):
+            plan = plan_epoch(packs, loss_counts, batch_size, accumulate, rank, world_size, shuffle=shuffle, seed=3)
+            for start in range(0, len(plan), accumulate):
+                window = plan[start : start + accumulate]
+                assert all(micro_batch.step_micro_batches == tuple(m.packs for m in window) for micro_batch in window)
+                assert [micro_batch.first_of_step for micro_batch in window] == [True] + [False] * (len(window) - 1)
+                assert len({micro_batch.step_packs for micro_batch in window}) == 1
+                mine = [pack for micro_batch in window for pack in micro_batch.packs]
+                assert set(mine) <= set(window[0].step_packs)
+                steps.setdefault(start // accumulate, []).append(window[0].step_packs)
+        assert all(len(set(ranks)) == 1 for ranks in steps.values())  # every rank sees the same step
+        in_order = [ranks[0] for _, ranks in sorted(steps.items())]
+        assert reference is None or in_order == reference, (batch_size, accumulate, world_size)
+        reference = in_order
+    if not shuffle:
+        assert reference[0] == tuple(tuple(pack) for pack in packs[:4])
+    assert MicroBatch(((1, 2),), 3, 3).first_of_step  # made outside a plan: a step of its own
+
+
 def test_full_optimizer_steps_agree_when_the_rows_do_not_divide_evenly():
     packs, loss_counts = make_packs(14)
     full_steps = 14 // 4

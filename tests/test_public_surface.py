@@ -80,6 +80,16 @@ def test_every_public_name_exists_and_the_surface_has_a_version():
     assert major >= 1 and minor >= 0
 
 
+def test_a_micro_batch_made_as_in_1_2_still_works_and_knows_its_step_since_1_3():
+    """``MicroBatch(packs, loss_count, step_loss_count)`` (as DPO's precompute makes one) keeps working; since 1.3 it
+    also says which optimizer step it belongs to (``step_packs``, ``step_micro_batches``, ``first_of_step``)."""
+    made = lt_posttrain.MicroBatch(((0, 1), (2,)), 3, 3)
+    assert made.step_packs == () and made.step_micro_batches == () and made.first_of_step
+    planned = lt_posttrain.MicroBatch(((2,),), 1, 3, ((0, 1), (2,)), (((0, 1),), ((2,),)))
+    assert not planned.first_of_step
+    assert tuple(map(int, lt_posttrain.__api_version__.split("."))) >= (1, 3)
+
+
 def test_importing_the_package_leaves_the_command_line_out():
     probe = "import sys, lt_posttrain; print(sorted(m for m in sys.modules if m.startswith('lt_posttrain.cli')))"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, check=True)

@@ -89,7 +89,7 @@ __all__ = [
     "UserError",
 ]
 __version__ = "0.1.0"
-__api_version__ = "1.2"
+__api_version__ = "1.3"
 
 
 def __getattr__(name: str):

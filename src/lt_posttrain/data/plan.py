@@ -21,11 +21,25 @@ from lt_posttrain.errors import UserError
 @dataclass(frozen=True)
 class MicroBatch:
     """What one micro-batch holds: ``packs`` of sample indices; ``loss_count`` loss tokens of its own and
-    ``step_loss_count`` in this rank's share of its optimizer step (the model sums the latter over ranks)."""
+    ``step_loss_count`` in this rank's share of its optimizer step (the model sums the latter over ranks).
+
+    The whole optimizer step, for a loss that needs more of it than one micro-batch before the first backward pass
+    (KTO's KL estimate is over the step's samples): ``step_packs``, every pack of the step on every rank in the plan's
+    order (the same packs in the same order whatever the split into batch size, accumulation and ranks), and
+    ``step_micro_batches``, this rank's micro-batches of the step (each its packs) in the order they run, this one
+    among them. Both are empty for a micro-batch made outside a plan: it is then a step of its own.
+    """
 
     packs: tuple[tuple[int, ...], ...]
     loss_count: int
     step_loss_count: int
+    step_packs: tuple[tuple[int, ...], ...] = ()
+    step_micro_batches: tuple[tuple[tuple[int, ...], ...], ...] = ()
+
+    @property
+    def first_of_step(self) -> bool:
+        """Whether this is the first micro-batch of its optimizer step on this rank (the first to run)."""
+        return not self.step_micro_batches or self.step_micro_batches[0] == self.packs
 
 
 def plan_epoch(
@@ -57,13 +71,15 @@ def plan_epoch(
     chunks = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     if even:
         chunks = chunks[: len(chunks) // world_size * world_size]
-    mine = chunks[rank::world_size]
-    counts = [sum(loss_counts[i] for pack in chunk for i in packs[pack]) for chunk in mine]
     plan = []
-    for start in range(0, len(mine), accumulate):
-        step_count = sum(counts[start : start + accumulate])
-        for chunk, count in zip(mine[start : start + accumulate], counts[start : start + accumulate]):
-            plan.append(MicroBatch(tuple(tuple(packs[pack]) for pack in chunk), count, step_count))
+    per_step = accumulate * world_size  # global micro-batch g runs on rank g % world_size
+    for start in range(0, len(chunks), per_step):
+        step = [tuple(tuple(packs[pack]) for pack in chunk) for chunk in chunks[start : start + per_step]]
+        step_packs = tuple(pack for micro_batch in step for pack in micro_batch)
+        mine = tuple(step[rank::world_size])
+        counts = [sum(loss_counts[i] for pack in chunk for i in pack) for chunk in mine]
+        for chunk, count in zip(mine, counts):
+            plan.append(MicroBatch(chunk, count, sum(counts), step_packs, mine))
     return plan
 
 

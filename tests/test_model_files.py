@@ -70,3 +70,16 @@ def test_readme_shows_the_quickstart_recipe_as_it_is():
     readme = (ROOT / "README.md").read_text()
     shown = readme.split("`configs/quickstart.yaml`:\n\n```yaml\n", 1)[1].split("```\n", 1)[0]
     assert shown == (ROOT / "configs" / "quickstart.yaml").read_text()
+
+
+def test_gguf_conversion_bar_is_off_without_a_terminal(capfd):
+    """transformers draws the conversion bar with plain tqdm; under CI or nohup it would fill the log."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    from lt_posttrain.model.loading import _conversion_bar_on_terminal_only
+
+    with _conversion_bar_on_terminal_only():
+        list(gguf_utils.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."))
+    assert "Converting" not in capfd.readouterr().err
+    list(gguf_utils.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."))  # the library's own again
+    assert "Converting" in capfd.readouterr().err

@@ -1,11 +1,14 @@
 """Where a model and its tokenizer come from: a hub id, a local folder, a ``.gguf`` file, or a file in a package."""
 
+import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -134,7 +137,8 @@ def gguf_as_hf_folder(gguf_path: str) -> str:
     if (target / "config.json").exists():
         return str(target)
     folder, file = os.path.split(os.path.abspath(gguf_path))
-    model = _load(AutoModelForCausalLM, folder, gguf_path, gguf_file=file, dtype=torch.float32)
+    with _conversion_bar_on_terminal_only():
+        model = _load(AutoModelForCausalLM, folder, gguf_path, gguf_file=file, dtype=torch.float32)
     tokenizer = _load(AutoTokenizer, folder, gguf_path, gguf_file=file)
     eos_id = model.config.eos_token_id
     if isinstance(eos_id, int) and tokenizer.eos_token_id != eos_id:  # the file's tokenizer metadata can disagree
@@ -155,6 +159,23 @@ def gguf_as_hf_folder(gguf_path: str) -> str:
         if not (target / "config.json").exists():
             raise
     return str(target)
+
+
+@contextlib.contextmanager
+def _conversion_bar_on_terminal_only():
+    """transformers draws its GGUF conversion bar with plain ``tqdm``, which no switch of its own turns off: without a
+    terminal (CI, nohup, a batch job) a file would receive every redraw, so the bar is disabled there."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is None or sys.stderr.isatty():
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
 
 
 def _hf_source(name_or_path: str) -> str:

@@ -69,8 +69,9 @@ def _kernel_switches(function) -> dict[str, bool]:
     }
 
 
-def _logit_scaling(config) -> Optional[str]:
-    """The config key by which the architecture scales its logits (the fused loss does not), or None."""
+def logit_scaling(config) -> Optional[str]:
+    """The config key by which the architecture scales its logits (neither the fused nor the tiled loss does), or
+    None."""
     for key in ("logits_scaling", "logit_scale"):
         if getattr(config, key, None) not in (None, 1.0):
             return key
@@ -85,7 +86,7 @@ def choose_liger_kernels(config, request: LigerOption) -> list[str]:
     switches = _kernel_switches(_apply_function(model_type))
     if request is True:
         chosen = [name for name, default in switches.items() if default and name not in _CROSS_ENTROPY_PATCHES]
-        return chosen + ([FUSED_LOSS] if FUSED_LOSS in switches and _logit_scaling(config) is None else [])
+        return chosen + ([FUSED_LOSS] if FUSED_LOSS in switches and logit_scaling(config) is None else [])
     if not request:
         return []
     wanted = [name for name, on in asdict(request).items() if on]
@@ -93,8 +94,8 @@ def choose_liger_kernels(config, request: LigerOption) -> list[str]:
     if missing:
         has = ", ".join(name for name in switches if name != "cross_entropy")
         raise UserError(f"model.liger.{missing[0]}: Liger has no such kernel for {model_type!r} (it has: {has})")
-    if FUSED_LOSS in wanted and _logit_scaling(config):
-        raise UserError(f"model.liger.{FUSED_LOSS}: {model_type} scales its logits ({_logit_scaling(config)}), "
+    if FUSED_LOSS in wanted and logit_scaling(config):
+        raise UserError(f"model.liger.{FUSED_LOSS}: {model_type} scales its logits ({logit_scaling(config)}), "
                         "which the fused loss does not; set it to false")  # fmt: skip
     return wanted
 
@@ -122,6 +123,13 @@ def output_head(model) -> tuple[nn.Module, Optional[float]]:
     return head, getattr(base.config, "final_logit_softcapping", None)
 
 
+def decoder_of(model) -> nn.Module:
+    """The decoder of a causal LM, PEFT-wrapped or not: ``decoder(input_ids=..., **kwargs).last_hidden_state`` is the
+    output head's input, and no logits are computed."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder()
+
+
 def fused_loss_parts(model) -> tuple[nn.Module, nn.Linear, Optional[float]]:
     """``(decoder, head, softcap)`` of a causal LM, PEFT-wrapped or not: ``decoder(input_ids=..., **kwargs)`` gives
     the final hidden states, ``head`` the linear layer that turns them into logits (softcapped if not None)."""
@@ -132,4 +140,4 @@ def fused_loss_parts(model) -> tuple[nn.Module, nn.Linear, Optional[float]]:
             f"model.liger.{FUSED_LOSS}: the output head is a {type(head).__name__}, not a plain linear layer "
             "(an adapter on lm_head?); set it to false or leave lm_head out of lora.target_modules"
         )
-    return base.get_decoder(), head, softcap
+    return decoder_of(base), head, softcap

@@ -16,7 +16,16 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lt_posttrain.batch import PACKED_KEYS, Batch
 from lt_posttrain.model.attention import VARLEN
-from lt_posttrain.model.kernels import FUSED_LOSS, LigerKernels, apply_liger_kernels, fused_loss_parts, require_liger
+from lt_posttrain.errors import UserError
+from lt_posttrain.model.kernels import (
+    FUSED_LOSS,
+    LigerKernels,
+    apply_liger_kernels,
+    decoder_of,
+    fused_loss_parts,
+    output_head,
+    require_liger,
+)
 from lt_posttrain.model.loading import import_model_code, load_causal_lm, load_tokenizer, resolve_model_path
 from lt_posttrain.model.lora import LoraOptions, apply_lora
 from lt_posttrain.model.parameters import describe_parameter_counts
@@ -26,9 +35,11 @@ from lt_posttrain.model.quantization import (
     is_quantized,
     prepare_quantized_for_training,
 )
+from lt_posttrain.training.long_context import LongContext, check_tiled_loss, long_context_options
 from lt_posttrain.training.losses import (
     fused_linear_cross_entropy_sum,
     fused_loss_weighs_tokens,
+    tiled_cross_entropy_sum,
     token_cross_entropy_sum,
 )
 from lt_posttrain.training.optimizer import OptimizerName, OptimizerOptions, Schedule, build_schedule, warmup_steps_of
@@ -76,6 +87,9 @@ class SFTModule(L.LightningModule):
         optimizer_in_backward: step each weight in the backward pass as soon as its gradient is complete, and free
             the gradient (``adamw_kahan`` or ``adamw_stochastic``, one device; no clipping, no accumulation): the
             gradients of the whole model are never held together (see ``training/optimizer_in_backward.py``).
+        long_context: for long samples (:class:`~lt_posttrain.training.long_context.LongContext`): ``tiled_loss``,
+            the loss from the final hidden states a tile of tokens at a time, never the ``[tokens, vocab]`` logits;
+            ``true`` for every option. The losses and gradients stay those of the run without it.
     """
 
     def __init__(
@@ -96,11 +110,17 @@ class SFTModule(L.LightningModule):
         liger: Union[bool, LigerKernels] = False,
         optimizer: OptimizerName = "auto",
         optimizer_in_backward: bool = False,
+        long_context: Union[bool, LongContext] = False,
     ):
         super().__init__()
         self.save_hyperparameters()  # as given: the CLI passes mappings where the signature says dataclass
         self.lora = LoraOptions(**lora) if isinstance(lora, dict) else lora
         self.liger = LigerKernels(**liger) if isinstance(liger, dict) else liger
+        self.long_context = long_context_options(long_context)
+        fused_loss = isinstance(self.liger, LigerKernels) and self.liger.fused_linear_cross_entropy
+        if self.long_context.tiled_loss and fused_loss:
+            raise UserError("model.long_context.tiled_loss and model.liger.fused_linear_cross_entropy both compute the "
+                            "loss without the logits: set one of them")  # fmt: skip
         # Wrong paths and options fail now, in one line, not after the data is prepared.
         resolve_model_path(name_or_path)
         check_quantization(load_in_4bit, load_in_8bit, lora)
@@ -136,6 +156,8 @@ class SFTModule(L.LightningModule):
         with sharded_creation(strategy):  # ZeRO-3: the weights load straight into their partitions
             model = self.build_model()
             self.liger_kernels = apply_liger_kernels(model, self.liger) if self.liger else []
+            if self.long_context.tiled_loss and FUSED_LOSS in self.liger_kernels:
+                self.liger_kernels.remove(FUSED_LOSS)  # liger: true; the tiled loss computes it, under any strategy
             if is_quantized(model):
                 model = prepare_quantized_for_training(model, hp.gradient_checkpointing)
             elif hp.gradient_checkpointing:
@@ -145,6 +167,8 @@ class SFTModule(L.LightningModule):
         fit_to_strategy(model, strategy, FUSED_LOSS in self.liger_kernels)  # ZeRO-3's LoRA init, FSDP's wrapping
         if FUSED_LOSS in self.liger_kernels:
             fused_loss_parts(model)  # refuses now a head the fused loss cannot use
+        if self.long_context.tiled_loss:
+            check_tiled_loss(model)
         if self.liger_kernels:
             rank_zero_info(f"Liger kernels ({model.config.model_type}): {', '.join(self.liger_kernels)}")
         rank_zero_info(describe_parameter_counts(model))
@@ -217,8 +241,7 @@ class SFTModule(L.LightningModule):
 
     def hidden_states(self, batch: Batch) -> torch.Tensor:
         """The final hidden states ``[batch, sequence, hidden]``, the output head's input (no logits computed)."""
-        decoder, _, _ = fused_loss_parts(self.model)
-        return decoder(**self.model_inputs(batch)).last_hidden_state
+        return decoder_of(self.model)(**self.model_inputs(batch)).last_hidden_state
 
     # -- the loss: the one method a custom trainer overrides --------------------------------------------------
     def loss(self, batch: Batch) -> torch.Tensor:
@@ -228,6 +251,10 @@ class SFTModule(L.LightningModule):
         (``IGNORE_INDEX`` where no loss); optional ``batch["target_weights"]`` scales each position's loss.
         """
         targets, weights = batch["targets"], batch.get("target_weights")
+        if self.long_context.tiled_loss:
+            head, softcap = output_head(self.model)
+            tile_bytes = self.long_context.loss_tile_bytes(head.out_features)
+            return tiled_cross_entropy_sum(self.hidden_states(batch), head, targets, weights, softcap, tile_bytes)
         if self._fused_loss_applies(weights):
             _, head, softcap = fused_loss_parts(self.model)
             return fused_linear_cross_entropy_sum(self.hidden_states(batch), head.weight, targets, weights, softcap)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from lt_posttrain.batch import IGNORE_INDEX, Batch, sum_per_sample
+from lt_posttrain.training.tiled import TILE_BYTES, tiled_token_logps
 
 
 def _token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -29,6 +30,23 @@ def token_cross_entropy_sum(
     if weights is not None:
         losses = losses * weights.reshape(-1)
     return losses.sum()
+
+
+def tiled_cross_entropy_sum(
+    hidden: torch.Tensor,
+    head: torch.nn.Module,
+    targets: torch.Tensor,
+    weights: Optional[torch.Tensor] = None,
+    softcap: Optional[float] = None,
+    tile_bytes: int = TILE_BYTES,
+) -> torch.Tensor:
+    """:func:`token_cross_entropy_sum` of ``head(hidden)`` (softcapped if ``softcap``), the head run a tile of loss
+    positions at a time (:func:`~lt_posttrain.training.tiled.tiled_token_logps`): the same sum and gradients without
+    the ``[tokens, vocab]`` logits. ``hidden`` is ``[..., hidden_size]``, ``targets`` and ``weights`` ``[...]``."""
+    logps = tiled_token_logps(hidden, head, targets, softcap, tile_bytes)
+    if weights is not None:
+        logps = logps * weights
+    return -logps.sum()
 
 
 def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,146 @@
+"""``model.long_context``: each option, and all of them together, gives the losses and gradients of the run without it
+(CPU, float32, to 1e-6), on padded and packed batches, with per-sample weights and with LoRA; what an option cannot
+do is one line."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from cli_runs import command_here
+from conftest import gsm8k_chats, write_jsonl
+from lt_posttrain import SFTModule
+from lt_posttrain.data.collate import collate_packed, collate_padded
+from lt_posttrain.data.tokenize import tokenize_conversation
+from lt_posttrain.errors import UserError
+from lt_posttrain.training.long_context import LongContext, long_context_options
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# Tiles far smaller than the samples, so every option really tiles.
+TILES = {"loss_tile_tokens": 16}
+OPTIONS = {"tiled_loss": {"tiled_loss": True, **TILES}}
+
+
+VOCAB = 512  # a small vocabulary keeps the full logits of the runs compared against cheap
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer):
+    """A 2-layer Llama of a 512-token vocabulary, its head tied to the embeddings (random fp32 weights); the
+    batches' token ids are taken modulo 512."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("small-vocab-llama")
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def samples(tokenizer) -> list[dict]:
+    """Four GSM8K chats (about 150 tokens each), two of them weighted, their token ids in the small vocabulary."""
+    rows = [tokenize_conversation(row["messages"], tokenizer, 512)[0] for row in gsm8k_chats(4)]
+    for row in rows:
+        row["input_ids"] = [token % VOCAB for token in row["input_ids"]]
+        row["labels"] = [label if label < 0 else label % VOCAB for label in row["labels"]]
+    rows[1]["weight"], rows[2]["weight"] = 0.5, 2.0
+    return rows
+
+
+@pytest.fixture(scope="module", params=["padded", "packed"])
+def batch(request, samples, tokenizer) -> dict:
+    return collate_padded(samples, tokenizer.pad_token_id) if request.param == "padded" else collate_packed(samples)
+
+
+def loss_and_grads(model_dir, batch: dict, **options) -> tuple[float, dict]:
+    """The micro-batch's summed loss and the gradients of the trained weights, in training mode."""
+    module = SFTModule(str(model_dir), **options)
+    torch.manual_seed(0)  # LoRA's A matrices
+    module.configure_model()
+    module.model.train()
+    loss = module.loss(batch)
+    loss.backward()
+    return loss.item(), {name: p.grad for name, p in module.model.named_parameters() if p.requires_grad}
+
+
+def assert_same(expected: tuple[float, dict], actual: tuple[float, dict], tolerance=1e-6) -> None:
+    """The same loss and gradients, each tensor to ``tolerance`` of its largest entry."""
+    assert actual[0] == pytest.approx(expected[0], rel=tolerance)
+    assert expected[1].keys() == actual[1].keys()
+    for name, grad in expected[1].items():
+        scale = grad.abs().max().clamp(min=1e-12)
+        error = ((actual[1][name] - grad).abs().max() / scale).item()
+        assert error < tolerance, f"{name}: relative difference {error:.2e}"
+
+
+_plain = {}
+
+
+def plain_run(model_dir, batch: dict, lora=None) -> tuple[float, dict]:
+    key = (id(batch), repr(lora))
+    if key not in _plain:
+        _plain[key] = loss_and_grads(model_dir, batch, lora=lora)
+    return _plain[key]
+
+
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_each_option_gives_the_losses_and_gradients_of_the_run_without_it(model_dir, batch, option):
+    assert_same(plain_run(model_dir, batch), loss_and_grads(model_dir, batch, long_context=OPTIONS[option]))
+
+
+def test_all_options_with_lora(model_dir, batch):
+    lora = {"r": 8, "dropout": 0.0, "target_modules": "all-linear"}
+    options = {key: True for key in OPTIONS} | TILES
+    assert_same(plain_run(model_dir, batch, lora), loss_and_grads(model_dir, batch, lora=lora,
+                                                                       long_context=options))  # fmt: skip
+
+
+def test_the_tiled_loss_never_computes_the_logits(model_dir, samples):
+    """The causal LM's own forward (which returns logits) never runs; the head sees a tile of loss tokens at a time."""
+    module = SFTModule(str(model_dir), long_context={"tiled_loss": True, "loss_tile_tokens": 16})
+    module.configure_model()
+    calls, rows = [], []
+    module.model.register_forward_hook(lambda *args: calls.append("logits"))
+    module.model.get_output_embeddings().register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+    batch = collate_packed(samples)
+    module.loss(batch).backward()
+    loss_tokens = int((batch["targets"] != -100).sum())
+    assert calls == [] and max(rows) == 16 and sum(rows) == 2 * loss_tokens  # the backward recomputes each tile
+
+
+def test_true_turns_every_option_on_and_a_mapping_those_it_sets():
+    assert long_context_options(True) == LongContext(**{key: True for key in OPTIONS})
+    assert long_context_options(False) == LongContext() == long_context_options(None)
+    assert long_context_options({"tiled_loss": True}) == LongContext(tiled_loss=True)
+
+
+def test_the_tiled_loss_and_liger_s_fused_loss_are_one_or_the_other(model_dir, monkeypatch):
+    monkeypatch.setattr("lt_posttrain.trainers.sft.require_liger", lambda: None)
+    with pytest.raises(UserError, match="tiled_loss and model.liger.fused_linear_cross_entropy both compute"):
+        SFTModule(str(model_dir), liger={"fused_linear_cross_entropy": True}, long_context={"tiled_loss": True})
+
+
+def test_a_model_that_scales_its_logits_is_refused_in_one_line(tmp_path, tokenizer):
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    config = GraniteConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, logits_scaling=4.0)  # fmt: skip
+    GraniteForCausalLM(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    module = SFTModule(str(tmp_path), long_context=True)
+    with pytest.raises(UserError, match=r"^model.long_context.tiled_loss: granite scales its logits \(logits_scaling\)"):
+        module.configure_model()
+
+
+def test_the_example_recipe_trains(capsys, tiny_model_dir, tmp_path):
+    """``configs/long_context.yaml`` (its model and data swapped for small ones) trains through Lightning and exports."""
+    chats = write_jsonl(tmp_path / "chats.jsonl", gsm8k_chats(8))
+    result = command_here(capsys, "fit", "--config", CONFIGS / "long_context.yaml", "--model.name_or_path",
+                          tiny_model_dir, f"--data.sources=[{chats}]", "--data.max_length=512", "--trainer.max_steps=2",
+                          f"--trainer.default_root_dir={tmp_path}", f"--checkpoint.output_dir={tmp_path / 'model'}",
+                          "--trainer.enable_progress_bar=false")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "model" / "model.safetensors").exists()

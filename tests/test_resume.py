@@ -219,14 +219,14 @@ def test_a_checkpoint_holds_everything_to_resume_and_loads_weights_only(finished
 
 
 def test_a_failed_checkpoint_write_leaves_the_previous_ones_loadable(finished_run):
-    """A second run into the same folder, its disk "full" (files capped at 4 MB), fails in one line on its first
-    checkpoint, half-way through replacing step-4.ckpt; every earlier file is as it was."""
+    """A run resumed from step 4 in the same folder, its disk "full" (files capped at 4 MB), fails in one line on its
+    checkpoint at the end, half-way through replacing step-5.ckpt; every earlier file is as it was."""
     recipe, root = finished_run
     folder = root / "checkpoints"
     before = {path.name: path.read_bytes() for path in folder.iterdir()}
-    result = fit_in_own_process(recipe, root, "full-disk", "--trainer.max_steps", "4",
-                                "--training_state.every_n_steps", "4", limit_file_size=4 * 2**20)  # fmt: skip
-    assert_one_line_error(result, "cannot write checkpoint", "step-4.ckpt", "File too large", "intact")
+    result = fit_in_own_process(recipe, root, "full-disk", "--ckpt_path", folder / "step-4.ckpt",
+                                limit_file_size=4 * 2**20)  # fmt: skip
+    assert_one_line_error(result, "cannot write checkpoint", "step-5.ckpt", "File too large", "intact")
     assert {path.name: path.read_bytes() for path in folder.iterdir()} == before  # no partial file either
     assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 5
 

@@ -6,7 +6,7 @@ from typing import Optional, Union
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
-from lt_posttrain.model.export import export_hf
+from lt_posttrain.model.export import export_hf, recover_export
 from lt_posttrain.model.lora import is_peft_model
 from lt_posttrain.training.run_folder import check_writable
 from lt_posttrain.training.sharding import gather_state_dict
@@ -54,6 +54,12 @@ class HFCheckpoint(L.Callback):
         """A folder the export cannot be written to is one line now, not at the end of a long run."""
         if stage == "fit" and (self.save_end_of_training or self.save_every_n_steps) and trainer.is_global_zero:
             check_writable(self.resolved_output_dir(trainer), "checkpoint.output_dir")
+
+    def remove_leftovers(self, trainer: L.Trainer) -> list[str]:
+        """Put right what a killed export left beside the export folder (or a step export in it): a half-written
+        folder removed, a switch finished or undone (:func:`~lt_posttrain.model.export.recover_export`). Returns
+        the names removed."""
+        return recover_export(self.resolved_output_dir(trainer))
 
     def _export(self, trainer: L.Trainer, module: L.LightningModule, folder: Path) -> None:
         state_dict = gather_state_dict(trainer.strategy, trainable_only=is_peft_model(module.model))

@@ -12,8 +12,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from lt_posttrain.errors import UserError
-from lt_posttrain.training.checkpoint_io import CHECKPOINT_READ_ERRORS, AtomicCheckpointIO
-from lt_posttrain.training.run_folder import check_writable
+from lt_posttrain.training.checkpoint_io import CHECKPOINT_READ_ERRORS, PARTIAL, AtomicCheckpointIO, partial_path
+from lt_posttrain.training.run_folder import WRITE_TEST, check_writable, process_is_running
 
 _STEP_FILE = re.compile(r"^step-(\d+)\.ckpt$")
 _DEEPSPEED_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
@@ -87,12 +87,38 @@ class TrainingStateCheckpoint(ModelCheckpoint):
                 return {str(last)}
         return {str(complete[-1][1])} if complete else set()
 
+    def refuse_earlier_checkpoints(self, trainer: L.Trainer) -> None:
+        """A run that does not resume may not write its checkpoints among an earlier run's: ``last`` and the kept
+        ``step-N`` files would mix the two runs. One line saying what to do instead."""
+        folder = Path(self.resolved_dirpath(trainer))
+        entries = folder.iterdir() if folder.is_dir() else ()
+        found = sorted(path.name for path in entries if _is_checkpoint_name(path.name))
+        if found:
+            key = "training_state.dirpath" if self.dirpath else "trainer.default_root_dir"
+            listed = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+            raise UserError(
+                f"{folder} holds the checkpoints of an earlier run ({listed}): to continue that run add --ckpt_path "
+                f"last; to start a new one choose another {key} (or remove those checkpoints)"
+            )
+
+    def remove_leftovers(self, trainer: L.Trainer) -> list[str]:
+        """Remove what a killed run left in the folder: checkpoint files and ``last.ckpt`` links it was writing
+        (``*.PID.partial``, of a process that no longer runs) and write probes. Returns their names."""
+        folder = Path(self.resolved_dirpath(trainer))
+        removed = []
+        for path in sorted(folder.iterdir()) if folder.is_dir() else ():
+            match = PARTIAL.match(path.name) or re.match(rf"^{re.escape(WRITE_TEST)}(\d+)$", path.name)
+            if match and not process_is_running(int(match.group(1))):
+                _remove(str(path))
+                removed.append(path.name)
+        return removed
+
     @staticmethod
     def _link_checkpoint(trainer: L.Trainer, filepath: str, linkpath: str) -> None:
         """Point ``linkpath`` at ``filepath`` with one rename: there is never a moment without a ``last.ckpt`` (but
         where it was a folder, which no rename replaces: a full copy under DeepSpeed, from ``keep_last`` 0)."""
         if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
-            staging = f"{linkpath}.{os.getpid()}.partial"
+            staging = str(partial_path(Path(linkpath)))
             _remove(staging)
             try:
                 os.symlink(os.path.relpath(filepath, os.path.dirname(linkpath)), staging)
@@ -154,6 +180,11 @@ def _step_of_last(last: Path) -> Optional[int]:
         return int(torch.load(states, map_location="cpu", weights_only=True, mmap=True)["global_step"])
     except (*CHECKPOINT_READ_ERRORS, KeyError, TypeError, ValueError):  # not resumable either: the step files decide
         return None
+
+
+def _is_checkpoint_name(name: str) -> bool:
+    last = f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
+    return bool(_STEP_FILE.match(name)) or name == last
 
 
 def _is_complete(checkpoint: Path) -> bool:

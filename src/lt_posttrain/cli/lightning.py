@@ -2,13 +2,15 @@
 
 import contextlib
 import io
+import shlex
 import sys
 from pathlib import Path
 from typing import Optional
 
 import torch
-from lightning.pytorch.callbacks import ProgressBar
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.callbacks import LambdaCallback, ProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_info
 
 from lt_posttrain.callbacks.hf_export import HFCheckpoint
 from lt_posttrain.callbacks.nonfinite import NonFiniteLossGuard
@@ -24,7 +26,7 @@ from lt_posttrain.errors import UserError
 from lt_posttrain.plugins.short_names import expand_short_names
 from lt_posttrain.trainers.sft import SFTModule
 from lt_posttrain.training.checkpoint_io import CHECKPOINT_READ_ERRORS, checkpoint_read_error, refused_by_weights_only
-from lt_posttrain.training.run_folder import check_writable
+from lt_posttrain.training.run_folder import RunFolder, check_writable
 from lt_posttrain.training.strategy import check_strategy, prepare_strategy
 
 # the model summary's table (and its "Total FLOPs: 0") says less than the trainer's own line of parameter counts
@@ -32,11 +34,31 @@ TRAINER_DEFAULTS = {"max_epochs": 1, "enable_model_summary": False}
 CLASS_SECTIONS = {"model": "lt_posttrain.SFTModule", "data": "lt_posttrain.InstructDataModule"}  # their defaults
 
 
+class SaveConfigAtTrainStart(SaveConfigCallback):
+    """Lightning's ``config.yaml``, written for ``fit`` when training starts rather than at setup: a run refused for
+    its recipe, model or data before its first step writes none (and replaces no earlier one)."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit":
+            super().setup(trainer, pl_module, stage)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().setup(trainer, pl_module, "fit")
+
+
 class PostTrainCLI(LightningCLI):
     """``LightningCLI`` with ``checkpoint`` (:class:`HFCheckpoint`), ``training_state``
     (:class:`TrainingStateCheckpoint`), ``nonfinite_loss`` (:class:`NonFiniteLossGuard`), ``predictions``
     (:class:`PredictionWriter`) and ``throughput`` (:class:`ThroughputMeter`) sections, random states in every
-    checkpoint (:class:`RandomStateCheckpoint`), and the model's tokenizer handed to the data module."""
+    checkpoint (:class:`RandomStateCheckpoint`), and the model's tokenizer handed to the data module. A ``fit`` owns
+    its ``trainer.default_root_dir`` while it runs (:class:`RunFolder`)."""
+
+    def __init__(self, *args, **kwargs):
+        arguments = kwargs.get("args")
+        self.command = shlex.join(["lt-posttrain", *map(str, sys.argv[1:] if arguments is None else arguments)])
+        self.run_folder: Optional[RunFolder] = None
+        self._training_started = False
+        super().__init__(*args, **kwargs)
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         """Parse as Lightning does, but turn the parser's usage-and-error output into one :class:`ConfigError`."""
@@ -107,12 +129,50 @@ class PostTrainCLI(LightningCLI):
             callbacks = [*callbacks, progress_bar()]  # after the throughput meter, whose tokens/s it prints
         return super()._instantiate_trainer(config, callbacks)
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Lightning's, with the run folder given up at the end, and what the run created removed if it failed before
+        its first training step."""
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            if self.run_folder is not None:
+                self.run_folder.release(failed_before_training=not self._training_started)
+            raise
+        if self.run_folder is not None:
+            self.run_folder.release()
+
     def before_fit(self) -> None:
-        """The run's folders, checked before the data is prepared (Lightning would fail later, with a traceback)."""
+        """The run folder claimed (:meth:`claim_run_folder`) and the log folder checked, before the data is prepared
+        (Lightning would fail later, with a traceback)."""
+        started = LambdaCallback(on_train_start=lambda *_: setattr(self, "_training_started", True))
+        self.trainer.callbacks.append(started)
         if self.trainer.is_global_zero:
-            check_writable(self.trainer.default_root_dir, "trainer.default_root_dir")
+            self.claim_run_folder()
             if self.trainer.log_dir:
                 check_writable(self.trainer.log_dir, "the log folder", "set trainer.logger's save_dir elsewhere")
+
+    def claim_run_folder(self) -> None:
+        """Own ``trainer.default_root_dir`` (one run at a time; a stale lock taken over), refuse a fresh run over the
+        checkpoints of an earlier one, and remove what a killed run left half-written."""
+        trainer = self.trainer
+        states = next((c for c in trainer.callbacks if isinstance(c, TrainingStateCheckpoint)), None)
+        export = next((c for c in trainer.callbacks if isinstance(c, HFCheckpoint)), None)
+        exporting = export is not None and (export.save_end_of_training or export.save_every_n_steps)
+        created = [Path(states.resolved_dirpath(trainer))] if states is not None else []
+        created += [export.resolved_output_dir(trainer)] if exporting else []
+        log_dir = Path(trainer.log_dir) if trainer.log_dir else None
+        own = [log_dir] if trainer.loggers and log_dir and log_dir != Path(trainer.default_root_dir) else []
+        self.run_folder = RunFolder(trainer.default_root_dir, self.command, [*created, *own], own)
+        note = self.run_folder.claim()
+        if note:
+            rank_zero_info(note)
+        if states is not None and not self.config[self.config.subcommand].get("ckpt_path"):
+            states.refuse_earlier_checkpoints(trainer)
+        removed = (states.remove_leftovers(trainer) if states is not None else []) + (
+            export.remove_leftovers(trainer) if exporting else []
+        )
+        if removed:
+            rank_zero_info(f"removed what a stopped run left half-written: {', '.join(removed)}")
 
     def before_instantiate_classes(self) -> None:
         """A strategy that cannot run here (DeepSpeed not installed, no GPU, ...) is one line before anything loads."""
@@ -148,6 +208,7 @@ def build_cli(args: Optional[list] = None, run: bool = True) -> PostTrainCLI:
         InstructDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
+        save_config_callback=SaveConfigAtTrainStart,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={**TRAINER_DEFAULTS, "callbacks": [RandomStateCheckpoint()]},
         parser_kwargs={"prog": "lt-posttrain", "allow_abbrev": False},

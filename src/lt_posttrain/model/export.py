@@ -152,6 +152,28 @@ def recover_folder(target: Path, keep: Callable[[Path], bool] = lambda child: ST
         _retire(old, target, keep)
 
 
+def recover_export(target: Path) -> list[str]:
+    """:func:`recover_folder` for export folder ``target`` and for each of its step exports (``step-N``) that a
+    killed export left a switch of; returns the names of the folders that were left and are gone now."""
+    target = Path(os.path.realpath(target)) if os.path.islink(target) else Path(target)
+    left = re.compile(rf"^\.(.+)\.({_PARTIAL}|{_NEXT}|{_PREVIOUS})-[^/]+$")
+
+    def leftovers(parent: Path, name: Optional[str] = None) -> set[str]:
+        found = set()
+        for child in parent.iterdir() if parent.is_dir() else ():
+            match = left.match(child.name)
+            if match and (match.group(1) == name if name else STEP_EXPORT.match(match.group(1))):
+                found.add(str(child.relative_to(target.parent)))
+        return found
+
+    before = leftovers(target.parent, target.name) | leftovers(target)
+    steps = {match.group(1) for name in leftovers(target) if (match := left.match(Path(name).name))}
+    recover_folder(target)
+    for step in sorted(steps):
+        recover_folder(target / step, keep=lambda child: False)
+    return sorted(name for name in before if not os.path.lexists(target.parent / name))
+
+
 def _recover_quietly(target: Path) -> None:
     try:
         recover_folder(target)

@@ -2,6 +2,7 @@
 
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -25,7 +26,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or not _is_local_file_protocol(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         target = Path(path)
-        partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+        partial = partial_path(target)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             with open(partial, "wb") as file:
@@ -55,6 +56,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 "model's weights, set model.name_or_path instead"
             )
         return checkpoint
+
+
+PARTIAL = re.compile(r"^\.?.+\.(\d+)\.partial$")
+"""The name of a checkpoint file (``.step-4.ckpt.PID.partial``) or link (``last.ckpt.PID.partial``) being written by
+process PID: never complete, and removed by that process when it ends, or at the next start if it was killed."""
+
+
+def partial_path(target: Path) -> Path:
+    """Where this process writes ``target`` before renaming it into place."""
+    return target.with_name(f".{target.name}.{os.getpid()}.partial")
 
 
 CHECKPOINT_READ_ERRORS = (Exception,)

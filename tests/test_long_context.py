@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_runs import command_here
+from cli_runs import command_here, failing_here
 from conftest import gsm8k_chats, write_jsonl
+from test_cli import assert_one_line_error
 from lt_posttrain import SFTModule
 from lt_posttrain.data.collate import collate_packed, collate_padded
 from lt_posttrain.data.tokenize import tokenize_conversation
@@ -17,8 +18,8 @@ from lt_posttrain.training.long_context import LongContext, long_context_options
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # Tiles far smaller than the samples, so every option really tiles.
-TILES = {"loss_tile_tokens": 16}
-OPTIONS = {"tiled_loss": {"tiled_loss": True, **TILES}}
+TILES = {"loss_tile_tokens": 16, "mlp_tile_tokens": 32}
+OPTIONS = {"tiled_loss": {"tiled_loss": True, **TILES}, "tiled_mlp": {"tiled_mlp": True, **TILES}}
 
 
 VOCAB = 512  # a small vocabulary keeps the full logits of the runs compared against cheap
@@ -86,9 +87,10 @@ def plain_run(model_dir, batch: dict, lora=None) -> tuple[float, dict]:
     return _plain[key]
 
 
-@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("option", [*OPTIONS, "all"])
 def test_each_option_gives_the_losses_and_gradients_of_the_run_without_it(model_dir, batch, option):
-    assert_same(plain_run(model_dir, batch), loss_and_grads(model_dir, batch, long_context=OPTIONS[option]))
+    options = OPTIONS[option] if option != "all" else {key: True for key in OPTIONS} | TILES
+    assert_same(plain_run(model_dir, batch), loss_and_grads(model_dir, batch, long_context=options))
 
 
 def test_all_options_with_lora(model_dir, batch):
@@ -109,6 +111,19 @@ def test_the_tiled_loss_never_computes_the_logits(model_dir, samples):
     module.loss(batch).backward()
     loss_tokens = int((batch["targets"] != -100).sum())
     assert calls == [] and max(rows) == 16 and sum(rows) == 2 * loss_tokens  # the backward recomputes each tile
+
+
+def test_the_mlp_runs_a_tile_at_a_time_and_recomputes_each_in_the_backward(model_dir, samples):
+    module = SFTModule(str(model_dir), long_context={"tiled_mlp": True, "mlp_tile_tokens": 64})
+    module.configure_model()
+    rows = []
+    for layer in module.model.model.layers:
+        layer.mlp.up_proj.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+    batch = collate_packed(samples)
+    module.loss(batch).backward()
+    tokens = batch["input_ids"].numel()
+    assert max(rows) == 64 and sum(rows) == 2 * 2 * tokens  # two layers, each tile run again in the backward
+    assert set(module.model.state_dict()) == set(SFTModule(str(model_dir)).build_model().state_dict())
 
 
 def test_true_turns_every_option_on_and_a_mapping_those_it_sets():
@@ -144,3 +159,25 @@ def test_the_example_recipe_trains(capsys, tiny_model_dir, tmp_path):
                           "--trainer.enable_progress_bar=false")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "model" / "model.safetensors").exists()
+
+
+class FeedForwardLayers(SFTModule):
+    """A model whose decoder layers call their MLP ``feed_forward``."""
+
+    def build_model(self):
+        model = super().build_model()
+        for layer in model.model.layers:
+            layer.feed_forward = layer.mlp
+            del layer.mlp
+        return model
+
+
+def test_a_model_whose_layers_have_no_mlp_is_refused_in_one_line(capsys, model_dir, tmp_path):
+    """Through the command line: one line, exit status 2."""
+    chats = write_jsonl(tmp_path / "chats.jsonl", gsm8k_chats(2))
+    result = failing_here(capsys, "fit", "--model", f"{__name__}.FeedForwardLayers", "--model.name_or_path", model_dir,
+                          "--model.long_context.tiled_mlp", "true", f"--data.sources=[{chats}]",
+                          "--trainer.accelerator", "cpu", "--trainer.logger", "false", "--trainer.max_steps", "1",
+                          f"--trainer.default_root_dir={tmp_path}")  # fmt: skip
+    assert_one_line_error(result, "model.long_context.tiled_mlp: decoder layer 0 (LlamaDecoderLayer) has no mlp module "
+                                  "to tile; set it to false")  # fmt: skip

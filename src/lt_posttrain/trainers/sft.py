@@ -35,7 +35,7 @@ from lt_posttrain.model.quantization import (
     is_quantized,
     prepare_quantized_for_training,
 )
-from lt_posttrain.training.long_context import LongContext, check_tiled_loss, long_context_options
+from lt_posttrain.training.long_context import LongContext, check_tiled_loss, long_context_options, tile_mlps
 from lt_posttrain.training.losses import (
     fused_linear_cross_entropy_sum,
     fused_loss_weighs_tokens,
@@ -89,7 +89,7 @@ class SFTModule(L.LightningModule):
             gradients of the whole model are never held together (see ``training/optimizer_in_backward.py``).
         long_context: for long samples (:class:`~lt_posttrain.training.long_context.LongContext`): ``tiled_loss``,
             the loss from the final hidden states a tile of tokens at a time, never the ``[tokens, vocab]`` logits;
-            ``true`` for every option. The losses and gradients stay those of the run without it.
+            ``tiled_mlp``, each layer's MLP a tile of tokens at a time; ``true`` for every option. The losses and gradients stay those of the run without it.
     """
 
     def __init__(
@@ -164,6 +164,8 @@ class SFTModule(L.LightningModule):
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if self.lora is not None:
                 model = apply_lora(model, self.lora)
+        if self.long_context.tiled_mlp:
+            tile_mlps(model, self.long_context.mlp_tile_tokens)
         fit_to_strategy(model, strategy, FUSED_LOSS in self.liger_kernels)  # ZeRO-3's LoRA init, FSDP's wrapping
         if FUSED_LOSS in self.liger_kernels:
             fused_loss_parts(model)  # refuses now a head the fused loss cannot use

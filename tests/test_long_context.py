@@ -14,12 +14,13 @@ from lt_posttrain import SFTModule
 from lt_posttrain.data.collate import collate_packed, collate_padded
 from lt_posttrain.data.tokenize import tokenize_conversation
 from lt_posttrain.errors import UserError
-from lt_posttrain.training.long_context import LongContext, long_context_options
+from lt_posttrain.training.long_context import HostBuffers, LongContext, _Offloaded, long_context_options
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # Tiles far smaller than the samples, so every option really tiles.
 TILES = {"loss_tile_tokens": 16, "mlp_tile_tokens": 32}
-OPTIONS = {"tiled_loss": {"tiled_loss": True, **TILES}, "tiled_mlp": {"tiled_mlp": True, **TILES}}
+OPTIONS = {"tiled_loss": {"tiled_loss": True, **TILES}, "tiled_mlp": {"tiled_mlp": True, **TILES},
+           "offload_checkpoints": {"offload_checkpoints": True}}
 
 
 VOCAB = 512  # a small vocabulary keeps the full logits of the runs compared against cheap
@@ -126,6 +127,39 @@ def test_the_mlp_runs_a_tile_at_a_time_and_recomputes_each_in_the_backward(model
     assert set(module.model.state_dict()) == set(SFTModule(str(model_dir)).build_model().state_dict())
 
 
+def test_each_layer_s_checkpoint_is_offloaded_and_the_one_before_prefetched(model_dir, samples, monkeypatch, caplog):
+    """The forward copies each layer's input (a copy, not the tensor itself); the backward brings them back in the
+    reverse order, each unpack prefetching the layer before. Gradient checkpointing is turned on, with a note."""
+    events = []
+    for name in ("prefetch", "bring_back"):
+        method = getattr(_Offloaded, name)
+        monkeypatch.setattr(_Offloaded, name, lambda self, method=method, name=name: events.append(
+            (name, self.sequence)) or method(self))  # fmt: skip
+    module = SFTModule(str(model_dir), long_context={"offload_checkpoints": True})
+    with caplog.at_level("INFO"):
+        module.configure_model()
+    assert "gradient checkpointing on" in caplog.text
+    module.model.train()
+    inputs = []
+    module.model.model.layers[0].register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
+    loss = module.loss(collate_packed(samples))
+    offloaded = [ref() for ref in module.checkpoint_offload._packed]
+    assert [item.sequence for item in offloaded] == [1, 2]  # one per decoder layer
+    assert torch.equal(offloaded[0].host, inputs[0]) and offloaded[0].host.data_ptr() != inputs[0].data_ptr()
+    loss.backward()
+    assert events == [("bring_back", 2), ("prefetch", 1), ("bring_back", 1)]
+
+
+def test_host_buffers_serve_again_within_a_quarter_and_release_the_rest():
+    buffers = HostBuffers(pin=False)
+    first = buffers.take(1000)
+    assert 1000 <= first.numel() <= 1000 * 17 // 16
+    buffers.give_back(first)
+    assert buffers.take(900).data_ptr() == first.data_ptr()  # within 5/4 of the size asked for
+    buffers.give_back(first)
+    assert buffers.take(700).data_ptr() != first.data_ptr() and buffers._free == []  # too large: released
+
+
 def test_true_turns_every_option_on_and_a_mapping_those_it_sets():
     assert long_context_options(True) == LongContext(**{key: True for key in OPTIONS})
     assert long_context_options(False) == LongContext() == long_context_options(None)
@@ -147,6 +181,22 @@ def test_a_model_that_scales_its_logits_is_refused_in_one_line(tmp_path, tokeniz
     tokenizer.save_pretrained(tmp_path)
     module = SFTModule(str(tmp_path), long_context=True)
     with pytest.raises(UserError, match=r"^model.long_context.tiled_loss: granite scales its logits \(logits_scaling\)"):
+        module.configure_model()
+
+
+class NoCheckpointing(SFTModule):
+    """A model that does not support gradient checkpointing."""
+
+    def build_model(self):
+        model = super().build_model()
+        model.supports_gradient_checkpointing = False
+        return model
+
+
+def test_offload_without_gradient_checkpointing_support_is_refused_in_one_line(model_dir):
+    module = NoCheckpointing(str(model_dir), long_context={"offload_checkpoints": True})
+    with pytest.raises(UserError, match="^model.long_context.offload_checkpoints offloads gradient checkpoints, which "
+                                        "LlamaForCausalLM does not support; set it to false$"):  # fmt: skip
         module.configure_model()
 
 

@@ -35,7 +35,15 @@ from lt_posttrain.model.quantization import (
     is_quantized,
     prepare_quantized_for_training,
 )
-from lt_posttrain.training.long_context import LongContext, check_tiled_loss, long_context_options, tile_mlps
+from lt_posttrain.training.long_context import (
+    CheckpointOffload,
+    LongContext,
+    check_offload,
+    check_tiled_loss,
+    long_context_options,
+    offload_checkpoints,
+    tile_mlps,
+)
 from lt_posttrain.training.losses import (
     fused_linear_cross_entropy_sum,
     fused_loss_weighs_tokens,
@@ -89,7 +97,9 @@ class SFTModule(L.LightningModule):
             gradients of the whole model are never held together (see ``training/optimizer_in_backward.py``).
         long_context: for long samples (:class:`~lt_posttrain.training.long_context.LongContext`): ``tiled_loss``,
             the loss from the final hidden states a tile of tokens at a time, never the ``[tokens, vocab]`` logits;
-            ``tiled_mlp``, each layer's MLP a tile of tokens at a time; ``true`` for every option. The losses and gradients stay those of the run without it.
+            ``tiled_mlp``, each layer's MLP a tile of tokens at a time; ``offload_checkpoints``, the checkpoints of
+            gradient checkpointing (turned on) in host memory until their layer's backward; ``true`` for every
+            option. The losses and gradients stay those of the run without it.
     """
 
     def __init__(
@@ -130,6 +140,7 @@ class SFTModule(L.LightningModule):
         self.tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
         import_model_code(name_or_path, trust_remote_code)  # outside ZeRO-3's zero.Init, which configure_model is in
         self.model = None
+        self.checkpoint_offload: Optional[CheckpointOffload] = None  # with long_context.offload_checkpoints
         self.liger_kernels: list[str] = []
         self._frozen_models: list[FrozenModel] = []
 
@@ -153,19 +164,29 @@ class SFTModule(L.LightningModule):
             return
         hp = self.hparams
         strategy = self._trainer.strategy if self._trainer is not None else None
+        checkpointing = hp.gradient_checkpointing
         with sharded_creation(strategy):  # ZeRO-3: the weights load straight into their partitions
             model = self.build_model()
+            if self.long_context.offload_checkpoints:
+                check_offload(model, strategy)
+                if not checkpointing:
+                    rank_zero_info("model.long_context.offload_checkpoints: gradient checkpointing on (its "
+                                   "checkpoints are what is offloaded)")  # fmt: skip
+                    checkpointing = True
             self.liger_kernels = apply_liger_kernels(model, self.liger) if self.liger else []
             if self.long_context.tiled_loss and FUSED_LOSS in self.liger_kernels:
                 self.liger_kernels.remove(FUSED_LOSS)  # liger: true; the tiled loss computes it, under any strategy
             if is_quantized(model):
-                model = prepare_quantized_for_training(model, hp.gradient_checkpointing)
-            elif hp.gradient_checkpointing:
+                model = prepare_quantized_for_training(model, checkpointing)
+            elif checkpointing:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if self.lora is not None:
                 model = apply_lora(model, self.lora)
         if self.long_context.tiled_mlp:
             tile_mlps(model, self.long_context.mlp_tile_tokens)
+        if self.long_context.offload_checkpoints:
+            self.checkpoint_offload = CheckpointOffload()
+            offload_checkpoints(model, self.checkpoint_offload)
         fit_to_strategy(model, strategy, FUSED_LOSS in self.liger_kernels)  # ZeRO-3's LoRA init, FSDP's wrapping
         if FUSED_LOSS in self.liger_kernels:
             fused_loss_parts(model)  # refuses now a head the fused loss cannot use

@@ -5,13 +5,17 @@
   every strategy (unlike Liger's fused loss, which ZeRO-3 and FSDP refuse).
 - ``tiled_mlp``: each decoder layer's MLP run a tile of tokens at a time, forward and backward
   (:class:`TiledMLPForward`): its ``[tokens, intermediate]`` activations exist for one tile at a time.
+- ``offload_checkpoints``: the input each checkpointed decoder layer keeps for its recomputation copied to host
+  memory as the forward goes on, and brought back ahead of the layer's backward (:class:`CheckpointOffload`): the GPU
+  holds about one layer's activations.
 
 Each option changes how much memory a step holds, never what it computes: the losses and gradients are those of the
 run without it (``tests/test_long_context.py``).
 """
 
+import weakref
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -32,6 +36,9 @@ class LongContext:
             recomputed in the backward pass: the ``[tokens, vocab]`` logits are never held (one tile's are).
         tiled_mlp: each decoder layer's MLP run a tile of tokens at a time, and each tile recomputed in the
             backward pass: its ``[tokens, intermediate]`` activations are never held whole.
+        offload_checkpoints: the input each decoder layer keeps under gradient checkpointing (which this turns on)
+            copied to host memory during the forward pass, on a side CUDA stream, and brought back ahead of the
+            layer's backward.
         loss_tile_tokens: loss tokens per tile; default: as many as 256 MiB of float32 logits hold (512 for a
             128k vocabulary).
         mlp_tile_tokens: tokens per MLP tile; default: the model's hidden size (DeepSpeed's and Liger's choice, so a
@@ -40,6 +47,7 @@ class LongContext:
 
     tiled_loss: bool = False
     tiled_mlp: bool = False
+    offload_checkpoints: bool = False
     loss_tile_tokens: Optional[int] = None
     mlp_tile_tokens: Optional[int] = None
 
@@ -65,7 +73,7 @@ def long_context_options(value: Union[LongContextOption, dict, None]) -> LongCon
     if isinstance(value, dict):
         return LongContext(**value)
     if value is True:
-        return LongContext(tiled_loss=True, tiled_mlp=True)
+        return LongContext(tiled_loss=True, tiled_mlp=True, offload_checkpoints=True)
     return LongContext()
 
 
@@ -144,3 +152,188 @@ def tile_mlps(model, tokens: Optional[int] = None) -> int:
         if not isinstance(mlp.forward, TiledMLPForward):
             mlp.forward = TiledMLPForward(mlp.forward, tokens)
     return len(layers)
+
+
+class HostBuffers:
+    """Host buffers for offloaded checkpoints, page-locked where CUDA is, and kept for the next step.
+
+    Not torch's pinned allocator: it rounds every block up to a power of two, so a step's checkpoints of 3.1 GiB a
+    layer (Llama-3.1-8B at 400K tokens) would take 4 GiB each, 128 GiB for 32 layers instead of 98. These are
+    allocated at their size (rounded up by at most 1/16) and page-locked with ``cudaHostRegister``; a free buffer of
+    up to 5/4 of the size asked for serves again, so steps of similar lengths reuse the same memory. When none fits,
+    the free ones are released (after the device has finished with them) before a new one is allocated, so the
+    buffers held never exceed one step's needs by much.
+
+    Args:
+        pin: page-lock the buffers (CUDA); without it they are plain host memory (a CPU run).
+    """
+
+    def __init__(self, pin: bool):
+        self.pin = pin
+        self._free: list[torch.Tensor] = []
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        """A ``uint8`` buffer of at least ``nbytes`` bytes, until :meth:`give_back`."""
+        fitting = [buffer for buffer in self._free if nbytes <= buffer.numel() <= nbytes * 5 // 4]
+        if fitting:
+            buffer = min(fitting, key=lambda candidate: candidate.numel())
+            self._free.remove(buffer)
+            return buffer
+        self.release()
+        granule = max(1 << max(nbytes.bit_length() - 5, 0), 1)
+        return self._allocate(-(-nbytes // granule) * granule)
+
+    def give_back(self, buffer: torch.Tensor) -> None:
+        self._free.append(buffer)
+
+    def release(self) -> None:
+        """Free the buffers not in use."""
+        if self._free and self.pin:
+            torch.cuda.synchronize()  # no copy from or to them is still queued
+            for buffer in self._free:
+                torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())
+        self._free.clear()
+
+    def _allocate(self, nbytes: int) -> torch.Tensor:
+        if not self.pin:
+            return torch.empty(nbytes, dtype=torch.uint8)
+        page = 4096  # cudaHostRegister takes whole pages
+        size = -(-nbytes // page) * page
+        raw = torch.empty(size + page, dtype=torch.uint8)
+        offset = -raw.data_ptr() % page
+        buffer = raw[offset : offset + size]
+        if int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), size, 0)) != 0:
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)  # torch's allocator, rounded up
+        return buffer
+
+
+class _Offloaded:
+    """One saved tensor on the host: its copy there, and (once prefetched) its copy on the way back."""
+
+    def __init__(self, tensor: torch.Tensor, buffers: HostBuffers, stream: Optional[Any], sequence: int):
+        self.device, self.stream, self.sequence = tensor.device, stream, sequence
+        nbytes = tensor.numel() * tensor.element_size()
+        buffer = buffers.take(nbytes)
+        weakref.finalize(self, buffers.give_back, buffer)
+        self.host = buffer[:nbytes].view(tensor.dtype).view(tensor.shape)
+        self.back: Optional[torch.Tensor] = None
+        if stream is None:
+            self.host.copy_(tensor.detach())  # a CPU run: a plain copy, so the bookkeeping runs as on a GPU
+            return
+        stream.wait_stream(torch.cuda.current_stream(self.device))  # the tensor is computed
+        with torch.cuda.stream(stream):
+            self.host.copy_(tensor.detach(), non_blocking=True)
+        tensor.record_stream(stream)  # its memory is not reused before the copy is done
+
+    @property
+    def on_host(self) -> bool:
+        return self.back is None
+
+    def prefetch(self) -> None:
+        """Start the copy back to the device (after the copy to the host, on the same stream)."""
+        if self.stream is not None:
+            with torch.cuda.stream(self.stream):
+                self.back = self.host.to(self.device, non_blocking=True)
+                self.ready = self.stream.record_event()
+
+    def bring_back(self) -> torch.Tensor:
+        """The tensor on its device, ready on the current stream."""
+        if self.stream is None:
+            return self.host
+        current = torch.cuda.current_stream(self.device)
+        if self.back is None:
+            current.wait_stream(self.stream)
+            return self.host.to(self.device, non_blocking=True)
+        current.wait_event(self.ready)
+        tensor, self.back = self.back, None
+        tensor.record_stream(current)
+        return tensor
+
+
+class CheckpointOffload:
+    """The inputs that checkpointed layers keep for their recomputation, offloaded to host memory
+    (``torch.autograd.graph.saved_tensors_hooks``), each brought back ahead of its layer's backward.
+
+    Under non-reentrant checkpointing a layer saves only its inputs (``_checkpoint_hook`` replaces what its operations
+    save with placeholders), and it saves them outside its own hooks: :meth:`checkpointing` runs a checkpointing
+    function under these hooks, so they see the layer's input and nothing else. On a GPU, :meth:`pack` copies it to
+    page-locked host memory (:class:`HostBuffers`) on a side stream, which waits for the forward so far; the device's
+    copy is freed once the host's is made. In the backward pass, layers unpack their inputs in the reverse order of
+    the forward; :meth:`unpack` hands back the tensor (already prefetched, or copied now) and starts bringing back the
+    one packed before it, so the copy overlaps this layer's recomputation and backward. On a CPU the copies are plain
+    copies, so the same bookkeeping runs (and is tested) there.
+
+    Not ``torch.autograd.graph.save_on_cpu``: it copies on the compute stream and waits for each copy, in both
+    directions, so nothing overlaps.
+    """
+
+    def __init__(self):
+        self._buffers: Optional[HostBuffers] = None
+        self._streams: dict = {}
+        self._packed: list[weakref.ref] = []  # in the order the forward packed them
+        self._sequence = 0
+
+    def checkpointing(self, checkpoint_function: Callable) -> Callable:
+        """``checkpoint_function`` (a model's ``_gradient_checkpointing_func``) with its layer's inputs offloaded."""
+
+        def offloaded(function, *args, **kwargs):
+            with torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack):
+                return checkpoint_function(function, *args, **kwargs)
+
+        offloaded.offloads = self
+        return offloaded
+
+    def pack(self, tensor: torch.Tensor):
+        if tensor.numel() == 0 or isinstance(tensor, nn.Parameter):
+            return tensor
+        if self._buffers is None:
+            self._buffers = HostBuffers(pin=tensor.is_cuda)
+        stream = self._stream(tensor.device) if tensor.is_cuda else None
+        self._sequence += 1
+        offloaded = _Offloaded(tensor, self._buffers, stream, self._sequence)
+        self._packed = [ref for ref in self._packed if ref() is not None]
+        self._packed.append(weakref.ref(offloaded))
+        return offloaded
+
+    def unpack(self, packed) -> torch.Tensor:
+        if not isinstance(packed, _Offloaded):
+            return packed
+        tensor = packed.bring_back()
+        earlier = [ref() for ref in self._packed]
+        earlier = [item for item in earlier if item is not None and item.sequence < packed.sequence and item.on_host]
+        if earlier:
+            max(earlier, key=lambda item: item.sequence).prefetch()
+        return tensor
+
+    def _stream(self, device: torch.device):
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
+
+
+def offload_checkpoints(model: nn.Module, offload: CheckpointOffload) -> int:
+    """Run every checkpointing function of ``model`` (set by ``gradient_checkpointing_enable``, one per checkpointed
+    layer) with :class:`CheckpointOffload`'s hooks; returns how many layers it reaches (0: none is checkpointed)."""
+    layers = 0
+    for module in model.modules():
+        function = getattr(module, "_gradient_checkpointing_func", None)
+        if function is None or getattr(function, "offloads", None) is offload:
+            continue
+        module._gradient_checkpointing_func = offload.checkpointing(function)
+        layers += bool(getattr(module, "gradient_checkpointing", False))
+    return layers
+
+
+def check_offload(model: nn.Module, strategy: Any) -> None:
+    """Refuse, in one line, what the checkpoint offload cannot reach: a model without gradient checkpointing, or
+    FSDP's own activation checkpointing (``activation_checkpointing_policy``), which is not the model's."""
+    from lt_posttrain.training.strategy import FSDP, distribution
+
+    if distribution(strategy).family == FSDP and getattr(strategy, "_activation_checkpointing_kwargs", None):
+        raise UserError("model.long_context.offload_checkpoints offloads the model's own gradient checkpoints, not "
+                        "FSDP's: remove the strategy's activation_checkpointing_policy (model.gradient_checkpointing "
+                        "checkpoints each decoder layer)")  # fmt: skip
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise UserError(f"model.long_context.offload_checkpoints offloads gradient checkpoints, which "
+                        f"{type(base).__name__} does not support; set it to false")  # fmt: skip

@@ -14,6 +14,7 @@ from lt_posttrain import SFTModule
 from lt_posttrain.data.collate import collate_packed, collate_padded
 from lt_posttrain.data.tokenize import tokenize_conversation
 from lt_posttrain.errors import UserError
+from lt_posttrain.model import attention
 from lt_posttrain.training.long_context import HostBuffers, LongContext, _Offloaded, long_context_options
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -231,3 +232,58 @@ def test_a_model_whose_layers_have_no_mlp_is_refused_in_one_line(capsys, model_d
                           f"--trainer.default_root_dir={tmp_path}")  # fmt: skip
     assert_one_line_error(result, "model.long_context.tiled_mlp: decoder layer 0 (LlamaDecoderLayer) has no mlp module "
                                   "to tile; set it to false")  # fmt: skip
+
+
+# -- nothing quadratic in the sequence length -----------------------------------------------------------------------
+class LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the most bytes any operation's output had while active (an operator's own inner buffers aside: the
+    per-sample attention's kernels are checked on their own)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest, self.name = 0, None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in (out if isinstance(out, (tuple, list)) else [out]):
+            size = tensor.numel() * tensor.element_size() if isinstance(tensor, torch.Tensor) else 0
+            if size > self.largest:
+                self.largest, self.name = size, f"{func}: {tuple(tensor.shape)} {tensor.dtype}"
+        return out
+
+
+def test_the_cpu_attention_of_one_long_sample_never_builds_a_tokens_by_tokens_matrix(monkeypatch):
+    """Forward and backward over one sample of 2048 tokens hold at most a block of scores; the result is that of the
+    backward in one block."""
+    tokens, heads = 2048, 2
+    torch.manual_seed(0)
+    query, grad = torch.randn(1, heads, tokens, 8), torch.randn(1, heads, tokens, 8)
+    key, value = torch.randn(1, 1, tokens, 8), torch.randn(1, 1, tokens, 8)  # grouped-query: one key/value head
+    bounds = torch.tensor([0, 1500, tokens], dtype=torch.int32)  # a long sample and a shorter one
+    monkeypatch.setattr(attention, "SCORES_PER_BLOCK", 2**16)
+    with LargestTensor() as watch:
+        attention._per_sample_loop(query, key, value, bounds, None)
+        blocked = attention._per_sample_backward(grad, query, key, value, bounds, None)
+    assert watch.largest <= 4 * (2**16 + heads * 1500 * 8), watch.name  # a block of scores, not tokens x tokens
+    monkeypatch.setattr(attention, "SCORES_PER_BLOCK", heads * tokens * tokens)
+    whole = attention._per_sample_backward(grad, query, key, value, bounds, None)
+    for mine, theirs in zip(blocked, whole):  # the same sums, in another order
+        assert (mine - theirs).abs().max() <= 1e-5 * theirs.abs().max()
+
+
+def test_a_step_on_one_long_sample_builds_nothing_of_tokens_by_tokens(model_dir, monkeypatch):
+    """Collate, masks, positions, rotary embeddings, the layers, the loss and the backward of one sample of 2048
+    tokens, packed and padded, with every option: no tensor is an eighth of a float32 [tokens, tokens] matrix (the
+    logits would be a quarter: 2048 x 512)."""
+    tokens = 2048
+    torch.manual_seed(0)
+    ids = torch.randint(VOCAB, (tokens,)).tolist()
+    sample = {"input_ids": ids, "labels": ids}
+    module = SFTModule(str(model_dir), long_context={"tiled_loss": True, "tiled_mlp": True, "offload_checkpoints": True,
+                                                     "mlp_tile_tokens": 512, "loss_tile_tokens": 512})  # fmt: skip
+    module.configure_model()
+    monkeypatch.setattr(attention, "SCORES_PER_BLOCK", 2**18)
+    with LargestTensor() as watch:
+        for batch in (collate_packed([sample]), collate_padded([sample], 0)):
+            module.loss(batch).backward()
+    assert watch.largest < 4 * tokens * tokens // 8, watch.name

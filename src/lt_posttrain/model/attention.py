@@ -15,6 +15,10 @@ import torch.nn.functional as F
 
 VARLEN = "varlen"
 
+SCORES_PER_BLOCK = 2**24
+"""The attention scores (``[batch, heads, queries, keys]`` float32 values) the CPU backward holds at once: a long
+sample's queries are taken a block at a time, so no ``[tokens, tokens]`` matrix is ever built (64 MiB)."""
+
 
 def _expand_kv(key: torch.Tensor, value: torch.Tensor, heads: int, dim: int):
     groups = heads // key.shape[dim]
@@ -53,6 +57,8 @@ def _varlen_cuda(query, key, value, cu_q, cu_k, max_q, max_k, scaling):
 
 
 def _per_sample_loop(query, key, value, cu_seq_lens, scale):
+    # SDPA's CPU kernel for causal attention without a mask is flash attention, in blocks: no [tokens, tokens] matrix
+    # (tests/test_long_context.py watches for one)
     key, value = _expand_kv(key, value, query.shape[1], dim=1)
     out = torch.zeros_like(query)
     bounds = cu_seq_lens.tolist()
@@ -87,7 +93,12 @@ def per_sample_attention_backward(
     scale: Optional[float],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """The gradients of :func:`per_sample_attention`'s query, key and value, sample by sample (softmax attention's
-    backward written out, in float32)."""
+    backward written out, in float32). A sample's queries are taken a block at a time against the keys up to the
+    block's last one, so at most :data:`SCORES_PER_BLOCK` scores are held: memory linear in the sample's length."""
+    return _per_sample_backward(grad, query, key, value, cu_seq_lens, scale)
+
+
+def _per_sample_backward(grad, query, key, value, cu_seq_lens, scale):
     heads, kv_heads = query.shape[1], key.shape[1]
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     q, g = query.float(), grad.float()
@@ -95,17 +106,19 @@ def per_sample_attention_backward(
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     bounds = cu_seq_lens.tolist()
     for start, end in zip(bounds, bounds[1:]):
-        if end == start:
-            continue
-        part = slice(start, end)
-        scores = q[..., part, :] @ k[..., part, :].transpose(-1, -2) * scale
-        causal = torch.ones(end - start, end - start, dtype=torch.bool, device=q.device).tril()
-        probs = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
-        dv[..., part, :] = probs.transpose(-1, -2) @ g[..., part, :]
-        dprobs = g[..., part, :] @ v[..., part, :].transpose(-1, -2)
-        dscores = probs * (dprobs - (dprobs * probs).sum(dim=-1, keepdim=True)) * scale
-        dq[..., part, :] = dscores @ k[..., part, :]
-        dk[..., part, :] = dscores.transpose(-1, -2) @ q[..., part, :]
+        block = max(1, SCORES_PER_BLOCK // (q.shape[0] * heads * max(end - start, 1)))
+        for first in range(start, end, block):  # queries first..last-1 see keys start..last-1
+            last = min(first + block, end)
+            rows, keys = slice(first, last), slice(start, last)
+            scores = q[..., rows, :] @ k[..., keys, :].transpose(-1, -2) * scale
+            positions = torch.arange(start, last, device=q.device)
+            causal = positions[first - start :, None] >= positions[None, :]
+            probs = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+            dv[..., keys, :] += probs.transpose(-1, -2) @ g[..., rows, :]
+            dprobs = g[..., rows, :] @ v[..., keys, :].transpose(-1, -2)
+            dscores = probs * (dprobs - (dprobs * probs).sum(dim=-1, keepdim=True)) * scale
+            dq[..., rows, :] = dscores @ k[..., keys, :]
+            dk[..., keys, :] += dscores.transpose(-1, -2) @ q[..., rows, :]
     groups = (query.shape[0], kv_heads, heads // kv_heads, *key.shape[2:])
     dk, dv = (tensor.view(groups).sum(dim=2) for tensor in (dk, dv))  # each key/value head serves its group
     return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype)

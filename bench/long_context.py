@@ -234,11 +234,30 @@ def free_memory(module) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def host_available() -> int:
+    with open("/proc/meminfo") as meminfo:
+        return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """A GPU allocation that failed, or a page-locked host buffer that could not be had."""
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
 def try_length(module, samples, tokens: int, work: Path) -> dict:
+    config = module.model.config if module.model is not None else None
+    offloads = getattr(getattr(module, "long_context", None), "offload_checkpoints", False)
+    if offloads and config is not None:  # the host would run out before the GPU: the kernel kills, it raises nothing
+        need = config.num_hidden_layers * config.hidden_size * 2 * tokens
+        if need > 0.92 * host_available():
+            return {"fits": False, "tokens": tokens, "error": f"host memory: checkpoints need {need / 2**30:.0f} GiB, "
+                    f"{host_available() / 2**30:.0f} GiB available"}  # fmt: skip
     try:
         result = fit_steps(module, [micro_batch(packed_row(samples, tokens))], work)
         result["fits"] = True
-    except torch.OutOfMemoryError as error:
+    except (torch.OutOfMemoryError, RuntimeError) as error:
+        if not out_of_memory(error):
+            raise
         result = {"fits": False, "error": str(error).splitlines()[0][:160]}
     free_memory(module)
     result["tokens"] = tokens
@@ -314,7 +333,9 @@ def speed(args) -> None:
             continue
         try:
             result = fit_steps(module, [micro_batch(samples)] * args.steps, work)
-        except torch.OutOfMemoryError as error:
+        except (torch.OutOfMemoryError, RuntimeError) as error:
+            if not out_of_memory(error):
+                raise
             result = {"error": str(error).splitlines()[0][:160]}
         lengths = torch.tensor([len(sample["input_ids"]) for sample in samples], dtype=torch.float64)
         if "step_s" in result:

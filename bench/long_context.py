@@ -145,6 +145,14 @@ def model_folder(shape: str, shared: Path, work: Path) -> Path:
     return folder
 
 
+def cap_gpu_memory() -> None:
+    """``LT_BENCH_GPU_GIB``: use at most that much of the GPU (an H200's 139 GiB held to an H100's 79.2, say)."""
+    cap = os.environ.get("LT_BENCH_GPU_GIB")
+    if cap and torch.cuda.is_available():
+        total = torch.cuda.mem_get_info()[1]
+        torch.cuda.set_per_process_memory_fraction(min(1.0, float(cap) * 2**30 / total))
+
+
 def make_module(folder: Path, options: dict):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -278,12 +286,14 @@ def search(args) -> None:
     shared, work, out = Path(args.shared), Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     samples = torch.load(args.samples)["packed"]
+    cap_gpu_memory()
     module = make_module(model_folder(shape, shared, work), dict(options))
     started, trials = time.perf_counter(), []
 
     def record(result: dict) -> dict:
         result.update(config=args.config, shape=shape, options=options, kind="search",
-                      resident_gib=resident_gib(module), gpu_total_gib=gpu_total_gib())
+                      resident_gib=resident_gib(module), gpu_total_gib=gpu_total_gib(),
+                      gpu_cap_gib=os.environ.get("LT_BENCH_GPU_GIB"))
         print(json.dumps(result), flush=True)
         with open(out, "a") as handle:
             handle.write(json.dumps(result) + "\n")
@@ -323,6 +333,7 @@ def speed(args) -> None:
     shared, work, out = Path(args.shared), Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     loaded = torch.load(args.samples)
+    cap_gpu_memory()
     module = make_module(model_folder(shape, shared, work), dict(options))
     single = loaded["single"]
     cut = {key: single[key][: args.tokens].tolist() for key in ("input_ids", "labels")}

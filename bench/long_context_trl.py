@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from long_context import HostPeak, model_folder, packed_row  # noqa: E402
+from long_context import HostPeak, cap_gpu_memory, model_folder, packed_row  # noqa: E402
 
 CONFIGS = {"trl-8b-lora": ("llama-3.1-8b", True), "trl-1b-full": ("llama-3.2-1b", False)}
 
@@ -54,6 +54,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     folder = model_folder(shape, Path(args.shared), work)
     tokenizer = AutoTokenizer.from_pretrained(folder)
+    cap_gpu_memory()
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.bfloat16,

@@ -1,5 +1,5 @@
 """``--ckpt_path last`` finds the newest complete checkpoint whether it is a file or a folder (DeepSpeed writes each
-checkpoint as one), and a checkpoint folder's hyper-parameters update the model section as a file's do. The folders
+checkpoint as one), and a checkpoint folder's recipe is read as a file's is. The folders
 are laid out as DeepSpeed (and FSDP's sharded state dict) write them, without running either."""
 
 import os
@@ -106,15 +106,19 @@ def test_last_links_a_folder_without_symbolic_links(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_the_hyper_parameters_of_a_checkpoint_update_the_model_section(tmp_path, tiny_model_dir, monkeypatch, kind):
+def test_the_recipe_of_a_checkpoint_is_read_from_a_file_or_a_folder(tmp_path, tiny_model_dir, monkeypatch, caplog, kind):
+    """A checkpoint without a recipe (written by Lightning alone): its hyper-parameters are the model section it is
+    compared with; the recipe's values run, and the difference is listed."""
     chats = write_jsonl(tmp_path / "chats.jsonl", gsm8k_chats(2))
     hparams = {"_class_path": "lt_posttrain.trainers.sft.SFTModule", "name_or_path": str(tiny_model_dir),
                "_instantiator": "lightning.pytorch.cli.instantiate_module", "learning_rate": 0.000123}  # fmt: skip
     checkpoint = write_checkpoint(tmp_path / "step-4.ckpt", kind, 4, hparams=hparams)
     monkeypatch.setattr(PostTrainCLI, "_run_subcommand", lambda cli, subcommand: None)  # parsed, not run
-    cli = build_cli(["fit", "--model.name_or_path", tiny_model_dir, "--data.sources", f"[{chats}]", "--ckpt_path",
-                     checkpoint, "--trainer.accelerator", "cpu", "--trainer.logger", "false"])  # fmt: skip
-    assert cli.model.hparams.learning_rate == 0.000123
+    with caplog.at_level("INFO"):
+        cli = build_cli(["fit", "--model.name_or_path", tiny_model_dir, "--data.sources", f"[{chats}]", "--ckpt_path",
+                         checkpoint, "--trainer.accelerator", "cpu", "--trainer.logger", "false"])  # fmt: skip
+    assert cli.model.hparams.learning_rate == 2e-5  # the recipe's (the default)
+    assert "with a changed recipe: model.learning_rate 0.000123 -> 2e-05 (" in caplog.text
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -61,7 +61,7 @@ class TrainingStateCheckpoint(ModelCheckpoint):
         ``ModelCheckpoint`` stores a given one, so that a resumed run recognises its own files)."""
         if self.dirpath:
             return str(self.dirpath)
-        return os.path.realpath(os.path.join(trainer.default_root_dir, "checkpoints"))
+        return default_dirpath(trainer.default_root_dir)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.dirpath = self.resolved_dirpath(trainer)
@@ -73,19 +73,9 @@ class TrainingStateCheckpoint(ModelCheckpoint):
         super().setup(trainer, pl_module, stage)
 
     def _find_last_checkpoints(self, trainer: L.Trainer) -> set[str]:
-        """What ``--ckpt_path last`` resumes from: the complete checkpoint of the highest step, ``step-N.ckpt`` or
-        ``last.ckpt`` (each a file, or a folder under DeepSpeed). A run that died after writing ``step-N.ckpt`` but
-        before linking ``last.ckpt`` to it resumes from step N, not from the checkpoint before."""
-        folder = Path(self.resolved_dirpath(trainer))
-        last = folder / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
-        entries = folder.iterdir() if folder.is_dir() else ()
-        steps = [(int(match.group(1)), path) for path in entries if (match := _STEP_FILE.match(path.name))]
-        complete = sorted((step, path) for step, path in steps if _is_complete(path))
-        if _is_complete(last):
-            step = _step_of_last(last)
-            if not complete or (step is not None and step >= complete[-1][0]):
-                return {str(last)}
-        return {str(complete[-1][1])} if complete else set()
+        """What ``--ckpt_path last`` resumes from: :func:`newest_checkpoint` in the folder."""
+        newest = newest_checkpoint(Path(self.resolved_dirpath(trainer)))
+        return {str(newest)} if newest is not None else set()
 
     def refuse_earlier_checkpoints(self, trainer: L.Trainer) -> None:
         """A run that does not resume may not write its checkpoints among an earlier run's: ``last`` and the kept
@@ -152,6 +142,27 @@ def _start_the_epoch_after_an_epoch_end_checkpoint(trainer: L.Trainer) -> None:
     progress = loop.epoch_progress.current
     if loop.restarted_mid_epoch and progress.processed == progress.started:  # mid-epoch would be started - 1
         loop.reset_restart_stage()
+
+
+def newest_checkpoint(folder: Path) -> Optional[Path]:
+    """The complete checkpoint of the highest step in ``folder``, ``step-N.ckpt`` or ``last.ckpt`` (each a file, or a
+    folder under DeepSpeed); None if there is none. A run that died after writing ``step-N.ckpt`` but before linking
+    ``last.ckpt`` to it resumes from step N, not from the checkpoint before."""
+    last = folder / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
+    entries = folder.iterdir() if folder.is_dir() else ()
+    steps = [(int(match.group(1)), path) for path in entries if (match := _STEP_FILE.match(path.name))]
+    complete = sorted((step, path) for step, path in steps if _is_complete(path))
+    if _is_complete(last):
+        step = _step_of_last(last)
+        if not complete or (step is not None and step >= complete[-1][0]):
+            return last
+    return complete[-1][1] if complete else None
+
+
+def default_dirpath(default_root_dir: Optional[str]) -> str:
+    """Where the checkpoints go without ``training_state.dirpath``: ``checkpoints`` under ``trainer.default_root_dir``
+    (the working folder if unset), as a real path."""
+    return os.path.realpath(os.path.join(default_root_dir or os.getcwd(), "checkpoints"))
 
 
 def checkpoint_states_file(folder: Path) -> Optional[Path]:

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import torch
 from lightning.pytorch.callbacks import LambdaCallback, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
@@ -18,14 +17,33 @@ from lt_posttrain.callbacks.predictions import PredictionWriter
 from lt_posttrain.callbacks.progress import progress_bar
 from lt_posttrain.callbacks.random_state import RandomStateCheckpoint
 from lt_posttrain.callbacks.throughput import ThroughputMeter
-from lt_posttrain.callbacks.training_state import TrainingStateCheckpoint, checkpoint_states_file
+from lt_posttrain.callbacks.recipe import RecipeInCheckpoint
+from lt_posttrain.callbacks.training_state import (
+    TrainingStateCheckpoint,
+    checkpoint_states_file,
+    default_dirpath,
+    newest_checkpoint,
+)
 from lt_posttrain.cli.help import asks_for_help, print_class_keys
 from lt_posttrain.cli.parse_errors import ConfigError, config_files, explain_parser_error
 from lt_posttrain.data.datamodule import InstructDataModule
 from lt_posttrain.errors import UserError
 from lt_posttrain.plugins.short_names import expand_short_names
 from lt_posttrain.trainers.sft import SFTModule
-from lt_posttrain.training.checkpoint_io import CHECKPOINT_READ_ERRORS, checkpoint_read_error, refused_by_weights_only
+from lt_posttrain.training.checkpoint_io import (
+    CHECKPOINT_READ_ERRORS,
+    checkpoint_read_error,
+    read_checkpoint,
+    refused_by_weights_only,
+)
+from lt_posttrain.training.resume import (
+    RECIPE_KEY,
+    describe_changes,
+    flatten_recipe,
+    recipe_changes,
+    recipe_of_hyper_parameters,
+    refuse_fixed_changes,
+)
 from lt_posttrain.training.run_folder import RunFolder, check_writable
 from lt_posttrain.training.strategy import check_strategy, prepare_strategy
 
@@ -87,43 +105,66 @@ class PostTrainCLI(LightningCLI):
         parser.add_lightning_class_args(ThroughputMeter, "throughput")
 
     def _parse_ckpt_path(self) -> None:
-        """Lightning's (a ``--ckpt_path`` file's hyper-parameters update the model section), for a checkpoint folder
-        (DeepSpeed's) too; one that cannot be read is one line. Lightning reads it weights-only whatever
-        ``--weights_only`` says: with ``false``, a checkpoint with pickled objects is left to the trainer, which
-        honours it."""
-        config = self.config.get(self.config.get("subcommand") or "", {})
-        path = read = config.get("ckpt_path")
+        """Instead of Lightning's (a ``--ckpt_path`` file's hyper-parameters update the model section, but not for
+        ``last``): the recipe is what runs, whatever the checkpoint; its differences from the checkpoint's recipe are
+        listed in one line, and those a resume cannot make refused (``training/resume.py``). The checkpoint is read
+        mapped and weights-only, a file or a checkpoint folder (DeepSpeed's), and one that cannot be read is one line;
+        with ``--weights_only false``, one with pickled objects is left to the trainer, which honours it."""
+        subcommand = self.config.get("subcommand")
+        config = self.config.get(subcommand or "", {})
+        path = config.get("ckpt_path")
+        read = self._checkpoint_states(path, config) if path else None
+        if read is None:
+            return
         try:
-            if path and Path(path).is_dir():
-                read = checkpoint_states_file(Path(path))
-                if read is None:
-                    raise UserError(
-                        f"--ckpt_path {path!r}: a folder, but not a complete checkpoint (a DeepSpeed checkpoint folder "
-                        "holds a 'latest' file, written last); give a step-N.ckpt file or folder from training_state"
-                    )
-                # mapped, not read: beside the hyper-parameters, DeepSpeed's states file holds the model's weights
-                self._update_model_section(torch.load(read, map_location="cpu", weights_only=True, mmap=True))
-            else:
-                super()._parse_ckpt_path()
-        except UserError:
-            raise
+            checkpoint = read_checkpoint(read)
         except CHECKPOINT_READ_ERRORS as error:
-            if refused_by_weights_only(error) and config.get("weights_only") is False:
+            if refused_by_weights_only(error, read) and config.get("weights_only") is False:
                 return
             raise checkpoint_read_error(read, error) from error
+        saved = checkpoint.get(RECIPE_KEY)
+        saved = flatten_recipe(saved) if isinstance(saved, dict) else recipe_of_hyper_parameters(
+            checkpoint.get("hyper_parameters") or {})  # fmt: skip
+        changes = recipe_changes(saved, flatten_recipe(self._recipe()))
+        shown = str(read if Path(path).is_dir() or path == "last" else path)
+        refuse_fixed_changes(changes, shown)
+        if changes:
+            rank_zero_info(describe_changes(changes, shown, checkpoint.get("global_step")))
 
-    def _update_model_section(self, checkpoint: dict) -> None:
-        """What Lightning's ``_parse_ckpt_path`` does with the contents of a checkpoint file."""
-        hparams = checkpoint.get("hyper_parameters", {})
-        hparams.pop("_instantiator", None)
-        if hparams:
-            if "_class_path" in hparams:
-                hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
-            self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
+    def _checkpoint_states(self, path: str, config) -> Optional[Path]:
+        """The file of ``--ckpt_path`` that holds the hyper-parameters and recipe: the file itself, the states file
+        of a checkpoint folder, or for ``last`` that of the newest checkpoint; None if there is nothing to read
+        (``last`` before any checkpoint, or a path Lightning resolves itself: ``best``, ``hpc``, a URL)."""
+        if path == "last":
+            root = (config.get("trainer") or {}).get("default_root_dir")
+            folder = (config.get("training_state") or {}).get("dirpath") or default_dirpath(root)
+            newest = newest_checkpoint(Path(folder))
+            if newest is None:
+                return None
+            return checkpoint_states_file(newest) if newest.is_dir() else newest
+        if path in ("best", "hpc", "registry") or "://" in str(path):
+            return None
+        if Path(path).is_dir():
+            states = checkpoint_states_file(Path(path))
+            if states is None:
+                raise UserError(
+                    f"--ckpt_path {path!r}: a folder, but not a complete checkpoint (a DeepSpeed checkpoint folder "
+                    "holds a 'latest' file, written last); give a step-N.ckpt file or folder from training_state"
+                )
+            return states
+        if not Path(path).is_file():
+            raise UserError(f"--ckpt_path {str(path)!r}: no such checkpoint file")
+        return Path(path)
+
+    def _recipe(self) -> dict:
+        """The recipe of the command being run, in plain values (``config.yaml``'s content)."""
+        self._dump_config()
+        return self.config_dump
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
         if config.get("enable_checkpointing") is False:  # Lightning refuses a ModelCheckpoint then
             callbacks = [callback for callback in callbacks if not isinstance(callback, TrainingStateCheckpoint)]
+        callbacks = [*callbacks, RecipeInCheckpoint(self._recipe())]
         recipe_bar = any(isinstance(callback, ProgressBar) for callback in config.get("callbacks") or [])
         if config.get("enable_progress_bar") is not False and not recipe_bar:  # Lightning refuses a second one
             callbacks = [*callbacks, progress_bar()]  # after the throughput meter, whose tokens/s it prints

@@ -50,7 +50,15 @@ from lt_posttrain.training.losses import (
     tiled_cross_entropy_sum,
     token_cross_entropy_sum,
 )
-from lt_posttrain.training.optimizer import OptimizerName, OptimizerOptions, Schedule, build_schedule, warmup_steps_of
+from lt_posttrain.training.optimizer import (
+    OptimizerName,
+    OptimizerOptions,
+    Schedule,
+    apply_recipe_values,
+    build_schedule,
+    recipe_values,
+    warmup_steps_of,
+)
 from lt_posttrain.training.optimizer_in_backward import check_optimizer_in_backward
 from lt_posttrain.training.precision import clip_under_bf16_autocast
 from lt_posttrain.training.sharding import FrozenModel, fit_to_strategy, sharded_creation
@@ -296,7 +304,15 @@ class SFTModule(L.LightningModule):
     def _sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
         return self.trainer.strategy.reduce(value, reduce_op="sum")
 
+    def on_fit_start(self) -> None:
+        # The optimizer and schedule as the recipe built them; a checkpoint's states replace them after this hook.
+        self._recipe_values = recipe_values(self.trainer)
+
     def on_train_start(self) -> None:  # not on_train_epoch_start: Lightning skips it when resuming mid-epoch
+        if self.trainer.ckpt_path and getattr(self, "_recipe_values", None) is not None:
+            # A resume takes the recipe's learning rate and weight decay, on the recipe's schedule at the restored step
+            # (training/resume.py says what a resume may change).
+            apply_recipe_values(self.trainer, self._recipe_values)
         # DeepSpeed's engine zeroes the gradients at its own boundary; elsewhere optimizer_step frees them
         self._frees_gradients = not distribution(self.trainer.strategy).keeps_master_weights
         self._step_stats = torch.zeros(2, device=self.device)  # [loss of this step so far, input tokens]

@@ -3,6 +3,7 @@
 import os
 import pickle
 import re
+import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -50,12 +51,28 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             checkpoint = super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
         except CHECKPOINT_READ_ERRORS as error:
             raise checkpoint_read_error(path, error) from error
-        if not isinstance(checkpoint, dict) or "pytorch-lightning_version" not in checkpoint:
-            raise UserError(
-                f"checkpoint {path}: not a training checkpoint (a .ckpt file from training_state); to start from a "
-                "model's weights, set model.name_or_path instead"
-            )
-        return checkpoint
+        return check_training_checkpoint(checkpoint, path)
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """The training checkpoint file ``path`` (a checkpoint folder's states file), read weights-only and mapped: its
+    tensors are not read into memory until used. Raises what ``torch.load`` raises (:data:`CHECKPOINT_READ_ERRORS`),
+    or a one-line error for a file that is no training checkpoint."""
+    if not zipfile.is_zipfile(path):  # what torch.save writes; a mapped load of anything else fails less clearly
+        raise UserError(f"checkpoint {path}: cannot be read, truncated or not a checkpoint (not a file torch.save "
+                        "writes)")  # fmt: skip
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return check_training_checkpoint(checkpoint, path)
+
+
+def check_training_checkpoint(checkpoint: Any, path) -> dict:
+    """``checkpoint`` if it is a Lightning checkpoint, else the one line saying what to do instead."""
+    if not isinstance(checkpoint, dict) or "pytorch-lightning_version" not in checkpoint:
+        raise UserError(
+            f"checkpoint {path}: not a training checkpoint (a .ckpt file from training_state); to start from a "
+            "model's weights, set model.name_or_path instead"
+        )
+    return checkpoint
 
 
 PARTIAL = re.compile(r"^\.?.+\.(\d+)\.partial$")
@@ -76,7 +93,9 @@ reader or its unpickler, which fail in a dozen ways (``UnpicklingError``, ``EOFE
 
 def checkpoint_read_error(path, error: BaseException) -> UserError:
     """The one line for ``error`` (one of :data:`CHECKPOINT_READ_ERRORS`) raised while reading checkpoint ``path``."""
-    if refused_by_weights_only(error):
+    if isinstance(error, UserError):
+        return error
+    if refused_by_weights_only(error, path):
         return UserError(
             f"checkpoint {path}: holds objects other than tensors and plain values ({reason_of(error)}); if you trust "
             "the file, add --weights_only false"
@@ -86,7 +105,16 @@ def checkpoint_read_error(path, error: BaseException) -> UserError:
     return UserError(f"checkpoint {path}: cannot be read, truncated or not a checkpoint{reason}")
 
 
-def refused_by_weights_only(error: BaseException) -> bool:
-    """Whether ``torch.load`` refused a readable checkpoint for the classes it names (which ``--weights_only false``
-    would load), rather than failing on bytes that are no checkpoint at all (which it reports as the same error)."""
-    return isinstance(error, pickle.UnpicklingError) and "Unsupported global" in str(error)
+def refused_by_weights_only(error: BaseException, path) -> bool:
+    """Whether ``torch.load`` refused a readable checkpoint ``path`` for the classes it names (which ``--weights_only
+    false`` would load), rather than failing on bytes that are no checkpoint at all (which it may report as the same
+    error: random bytes can read as a pickle naming a class). A checkpoint is a zip archive (``torch.save``'s)."""
+    unsupported = isinstance(error, pickle.UnpicklingError) and "Unsupported global" in str(error)
+    return unsupported and _is_zip(path)
+
+
+def _is_zip(path) -> bool:
+    try:
+        return zipfile.is_zipfile(path)
+    except OSError:
+        return False

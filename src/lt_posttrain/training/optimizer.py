@@ -197,3 +197,56 @@ def build_schedule(optimizer, schedule: Schedule, warmup_steps: int, total_steps
 
     name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[schedule]
     return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=max(total_steps, 1))
+
+
+RECIPE_GROUP_KEYS = ("initial_lr", "weight_decay")
+"""What a resume takes from the recipe rather than from the checkpoint, in each optimizer parameter group: the peak
+learning rate (``initial_lr``, which the schedule scales) and the weight decay."""
+
+
+def recipe_values(trainer) -> dict:
+    """The optimizers' settings as the recipe built them, before a checkpoint's states replace them (call it in
+    ``on_fit_start``): :data:`RECIPE_GROUP_KEYS` of each parameter group of each optimizer, and each schedule's base
+    learning rates."""
+    groups = [
+        [{key: _plain(group[key]) for key in RECIPE_GROUP_KEYS if key in group} for group in optimizer.param_groups]
+        for optimizer in trainer.optimizers
+    ]
+    base_lrs = [list(getattr(config.scheduler, "base_lrs", [])) for config in trainer.lr_scheduler_configs]
+    return {"groups": groups, "base_lrs": base_lrs}
+
+
+def apply_recipe_values(trainer, values: dict) -> None:
+    """Put the recipe's settings (:func:`recipe_values`) back into the optimizers and schedules restored from a
+    checkpoint, and set each parameter group's learning rate to the recipe's schedule at the restored step.
+
+    Raises:
+        UserError: a learning rate that changed, under a schedule that is not a ``LambdaLR`` (whose rate at a step is
+            the base rate times a function of the step, which this recomputes).
+    """
+    from torch.optim.lr_scheduler import LambdaLR
+
+    for optimizer, groups in zip(trainer.optimizers, values["groups"]):
+        for group, wanted in zip(optimizer.param_groups, groups):
+            group.update(wanted)
+    for config, base_lrs in zip(trainer.lr_scheduler_configs, values["base_lrs"]):
+        schedule = config.scheduler
+        if not isinstance(schedule, LambdaLR):
+            if list(getattr(schedule, "base_lrs", [])) != base_lrs:
+                raise UserError(
+                    f"model.learning_rate: the resumed schedule ({type(schedule).__name__}) cannot take a new learning "
+                    "rate; resume with the checkpoint's learning rate"
+                )
+            continue
+        schedule.base_lrs = list(base_lrs)
+        rates = [base * rate(schedule.last_epoch) for base, rate in zip(base_lrs, schedule.lr_lambdas)]
+        for group, rate in zip(schedule.optimizer.param_groups, rates):
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(rate)
+            else:
+                group["lr"] = rate
+        schedule._last_lr = rates
+
+
+def _plain(value):
+    return float(value) if isinstance(value, torch.Tensor) else value

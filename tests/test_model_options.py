@@ -14,6 +14,7 @@ from lt_posttrain.data.collate import collate_packed
 from lt_posttrain.data.tokenize import tokenize_conversation
 from lt_posttrain.errors import UserError
 from lt_posttrain.model.kernels import fused_loss_parts
+from lt_posttrain.training.gradient_checkpointing import checkpointed_layers
 
 needs_cuda_bitsandbytes = pytest.mark.skipif(
     not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None,
@@ -51,7 +52,7 @@ def lora_grads(model_dir, batch, gradient_checkpointing: bool) -> dict:
     torch.manual_seed(0)  # the same adapter initialisation for both runs
     module = SFTModule(str(model_dir), lora={"r": 4, "dropout": 0.0}, gradient_checkpointing=gradient_checkpointing)
     module.configure_model()
-    assert module.model.training and module.model.is_gradient_checkpointing == gradient_checkpointing
+    assert module.model.training and checkpointed_layers(module.model) == ([0, 1] if gradient_checkpointing else [])
     module.loss(batch).backward()
     return {name: p.grad.clone() for name, p in module.model.named_parameters() if p.requires_grad}
 
@@ -99,7 +100,7 @@ def test_build_model_hook_gets_lora_and_checkpointing(tiny_model_dir):
     module = FromConfigSFT(str(tiny_model_dir), lora={"r": 2}, gradient_checkpointing=True)
     module.configure_model()
     base = module.model.get_base_model()
-    assert type(base) is LlamaForCausalLM and base.is_gradient_checkpointing
+    assert type(base) is LlamaForCausalLM and checkpointed_layers(base) == [0, 1]
     trainable = {name for name, p in module.model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in name for name in trainable)
 

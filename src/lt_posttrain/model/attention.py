@@ -50,7 +50,8 @@ def _varlen_cuda(query, key, value, cu_q, cu_k, max_q, max_k, scaling):
     k = key.transpose(1, 2).reshape(batch * tokens, key.shape[1], dim)
     v = value.transpose(1, 2).reshape(batch * tokens, value.shape[1], dim)
     # Grouped-query attention: the flash kernel reads each key/value head for its group of query heads itself, so
-    # k and v are never expanded. newer torch asks for enable_gqa; its first releases of varlen_attn pass them through unchecked.
+    # k and v are never expanded. newer torch asks for enable_gqa; its first releases of varlen_attn pass them through
+    # unchecked.
     extra = {"enable_gqa": True} if k.shape[1] != heads and _varlen_attn_takes_enable_gqa() else {}
     out = varlen_attn(q, k, v, cu_q, cu_k, int(max_q), int(max_k), scale=scaling, window_size=(-1, 0), **extra)
     return out.view(batch, tokens, heads, dim)
@@ -126,7 +127,10 @@ def _per_sample_backward(grad, query, key, value, cu_seq_lens, scale):
 
 @per_sample_attention_backward.register_fake
 def _(grad, query, key, value, cu_seq_lens, scale):
-    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+    # The layouts the real operator returns (a compiled backward reshapes by them): the query's gradient in the
+    # query's strides (zeros_like keeps them), the key's and value's contiguous (summed over each head's group).
+    contiguous = (torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device) for tensor in (key, value))
+    return torch.empty_like(query), *contiguous
 
 
 def _save_attention_inputs(ctx, inputs, output):

@@ -58,8 +58,6 @@ def lora_config(options: LoraOptions):
 def apply_lora(model, options: LoraOptions):
     """Wrap ``model`` in LoRA adapters (a ``peft.PeftModel``); only the adapters (and ``modules_to_save``) train."""
     peft = _peft()
-    if getattr(model, "is_gradient_checkpointing", False):
-        model.enable_input_require_grads()  # frozen embeddings: the checkpointed layers still need an input grad
     try:
         return peft.get_peft_model(model, lora_config(options))
     except ValueError as error:  # e.g. target modules that match nothing

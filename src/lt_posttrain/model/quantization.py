@@ -46,12 +46,9 @@ def is_quantized(model) -> bool:
     return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
 
 
-def prepare_quantized_for_training(model, gradient_checkpointing: bool):
-    """peft's ``prepare_model_for_kbit_training``: base frozen, norms and other non-quantized weights in fp32, and
-    (optionally) non-reentrant gradient checkpointing."""
+def prepare_quantized_for_training(model):
+    """peft's ``prepare_model_for_kbit_training``: base frozen, norms and other non-quantized weights in fp32
+    (gradient checkpointing is ours, ``training/gradient_checkpointing.py``)."""
     from peft import prepare_model_for_kbit_training
 
-    return prepare_model_for_kbit_training(
-        model, use_gradient_checkpointing=gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-    )  # fmt: skip
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)

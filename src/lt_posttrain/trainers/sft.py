@@ -35,6 +35,20 @@ from lt_posttrain.model.quantization import (
     is_quantized,
     prepare_quantized_for_training,
 )
+from lt_posttrain.training.compile import (
+    Compile,
+    check_static_shapes,
+    compile_decoder_layers,
+    compile_mode,
+    why_not_compiled,
+)
+from lt_posttrain.training.gradient_checkpointing import (
+    CheckpointOption,
+    GradientCheckpointing,
+    apply_gradient_checkpointing,
+    checkpoint_options,
+    describe_checkpointing,
+)
 from lt_posttrain.training.long_context import (
     CheckpointOffload,
     LongContext,
@@ -84,7 +98,10 @@ class SFTModule(L.LightningModule):
         attn_implementation: the transformers attention implementation. ``varlen`` (default): each packed sample
             attends only to itself, with torch's varlen flash kernel on GPU and no dense mask; ``sdpa``, ``eager``,
             ... are transformers' own (packed samples then get a dense block-diagonal mask).
-        gradient_checkpointing: recompute activations in the backward pass to save memory (non-reentrant).
+        gradient_checkpointing: recompute each decoder layer's activations in the backward pass to save memory
+            (non-reentrant): ``true``, or a mapping (:class:`~lt_posttrain.training.gradient_checkpointing.
+            GradientCheckpointing`) for selective checkpointing: ``save`` (outputs kept instead of recomputed:
+            ``attention``, ``attention_projections``, ``matmuls``) and ``every`` (checkpoint one layer in ``every``).
         trust_remote_code: allow a hub model's own Python code to run (off: only transformers' code runs).
         max_new_tokens: tokens generated per prompt by ``lt-posttrain predict`` (greedy).
         lora: train LoRA adapters (:class:`~lt_posttrain.model.lora.LoraOptions`) instead of every weight; None:
@@ -108,6 +125,10 @@ class SFTModule(L.LightningModule):
             ``tiled_mlp``, each layer's MLP a tile of tokens at a time; ``offload_checkpoints``, the checkpoints of
             gradient checkpointing (turned on) in host memory until their layer's backward; ``true`` for every
             option. The losses and gradients stay those of the run without it.
+        compile: ``layers`` (or ``true``): each decoder layer compiled with ``torch.compile``, once for every layer
+            and step; needs ``data.static_shapes: true``. ``cuda_graphs``: the same, each layer's kernels captured as
+            CUDA graphs (GPU). Off, with one line, under DeepSpeed and FSDP, or where torch cannot compile (see
+            ``training/compile.py``).
     """
 
     def __init__(
@@ -119,7 +140,7 @@ class SFTModule(L.LightningModule):
         schedule: Schedule = "cosine",
         dtype: Dtype = "float32",
         attn_implementation: Optional[str] = "varlen",
-        gradient_checkpointing: bool = False,
+        gradient_checkpointing: CheckpointOption = False,
         trust_remote_code: bool = False,
         max_new_tokens: int = 256,
         lora: Optional[LoraOptions] = None,
@@ -129,6 +150,7 @@ class SFTModule(L.LightningModule):
         optimizer: OptimizerName = "auto",
         optimizer_in_backward: bool = False,
         long_context: Union[bool, LongContext] = False,
+        compile: Compile = False,
     ):
         super().__init__()
         self.save_hyperparameters()  # as given: the CLI passes mappings where the signature says dataclass
@@ -139,6 +161,7 @@ class SFTModule(L.LightningModule):
         if self.long_context.tiled_loss and fused_loss:
             raise UserError("model.long_context.tiled_loss and model.liger.fused_linear_cross_entropy both compute the "
                             "loss without the logits: set one of them")  # fmt: skip
+        self.checkpointing = checkpoint_options(gradient_checkpointing)
         # Wrong paths and options fail now, in one line, not after the data is prepared.
         resolve_model_path(name_or_path)
         check_quantization(load_in_4bit, load_in_8bit, lora)
@@ -155,6 +178,8 @@ class SFTModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.optimizer_options.in_backward:
             check_optimizer_in_backward(self.trainer)
+        if compile_mode(self.hparams.compile) and stage != "predict":
+            check_static_shapes(self.trainer.datamodule)
 
     # -- the model -------------------------------------------------------------------------------------------
     def build_model(self) -> torch.nn.Module:
@@ -166,13 +191,13 @@ class SFTModule(L.LightningModule):
         return load_causal_lm(hp.name_or_path, hp.dtype, hp.attn_implementation, hp.trust_remote_code, quantization)
 
     def configure_model(self) -> None:
-        """Lightning's hook: :meth:`build_model`, then Liger kernels, k-bit preparation, gradient checkpointing and
-        LoRA, as configured; logs what was applied and the trainable parameter count."""
+        """Lightning's hook: :meth:`build_model`, then Liger kernels, k-bit preparation, gradient checkpointing,
+        LoRA and compiled layers, as configured; logs what was applied and the trainable parameter count."""
         if self.model is not None:
             return
         hp = self.hparams
         strategy = self._trainer.strategy if self._trainer is not None else None
-        checkpointing = hp.gradient_checkpointing
+        checkpointing = self.checkpointing
         with sharded_creation(strategy):  # ZeRO-3: the weights load straight into their partitions
             model = self.build_model()
             if self.long_context.offload_checkpoints:
@@ -180,14 +205,13 @@ class SFTModule(L.LightningModule):
                 if not checkpointing:
                     rank_zero_info("model.long_context.offload_checkpoints: gradient checkpointing on (its "
                                    "checkpoints are what is offloaded)")  # fmt: skip
-                    checkpointing = True
+                    checkpointing = GradientCheckpointing()
             self.liger_kernels = apply_liger_kernels(model, self.liger) if self.liger else []
             if self.long_context.tiled_loss and FUSED_LOSS in self.liger_kernels:
                 self.liger_kernels.remove(FUSED_LOSS)  # liger: true; the tiled loss computes it, under any strategy
             if is_quantized(model):
-                model = prepare_quantized_for_training(model, checkpointing)
-            elif checkpointing:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                model = prepare_quantized_for_training(model)
+            checkpointed = apply_gradient_checkpointing(model, checkpointing) if checkpointing else []
             if self.lora is not None:
                 model = apply_lora(model, self.lora)
         if self.long_context.tiled_mlp:
@@ -202,8 +226,26 @@ class SFTModule(L.LightningModule):
             check_tiled_loss(model)
         if self.liger_kernels:
             rank_zero_info(f"Liger kernels ({model.config.model_type}): {', '.join(self.liger_kernels)}")
+        if checkpointed:
+            rank_zero_info(describe_checkpointing(checkpointed, model, checkpointing))
+        self._compile_layers(model, strategy)
         rank_zero_info(describe_parameter_counts(model))
         self.model = model
+
+    def _compile_layers(self, model: torch.nn.Module, strategy) -> None:
+        mode = compile_mode(self.hparams.compile)
+        if not mode or (self._trainer is not None and self._trainer.state.fn == "predict"):
+            return  # generation grows its inputs token by token: no static shapes to compile for
+        device = getattr(strategy, "root_device", None) or next(model.parameters()).device
+        reason = why_not_compiled(strategy, device)
+        if not reason and (self.long_context.tiled_mlp or self.long_context.offload_checkpoints):
+            reason = ("not with model.long_context's tiled_mlp or offload_checkpoints (per-layer wrappers and hooks "
+                      "the compiler cannot trace once for all layers)")  # fmt: skip
+        if reason:
+            rank_zero_warn(f"model.compile: the layers run uncompiled: {reason}")
+            return
+        count = compile_decoder_layers(model, mode, device)
+        rank_zero_info(f"model.compile: {count} decoder layers compiled ({mode}) at their first step")
 
     def prepare_frozen_model(self, name_or_path: str) -> None:
         """For :meth:`frozen_model` from another path, called in ``__init__``: a wrong path fails at once, in one

@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lt_posttrain.errors import UserError
 from lt_posttrain.model.kernels import decoder_of, logit_scaling, output_head
+from lt_posttrain.training.gradient_checkpointing import set_checkpoint_hooks
 from lt_posttrain.training.tiled import TILE_BYTES
 
 
@@ -255,10 +256,10 @@ class CheckpointOffload:
     (``torch.autograd.graph.saved_tensors_hooks``), each brought back ahead of its layer's backward.
 
     Under non-reentrant checkpointing a layer saves only its inputs (``_checkpoint_hook`` replaces what its operations
-    save with placeholders), and it saves them outside its own hooks: :meth:`checkpointing` runs a checkpointing
-    function under these hooks, so they see the layer's input and nothing else. On a GPU, :meth:`pack` copies it to
-    page-locked host memory (:class:`HostBuffers`) on a side stream, which waits for the forward so far; the device's
-    copy is freed once the host's is made. In the backward pass, layers unpack their inputs in the reverse order of
+    save with placeholders), and it saves them outside its own hooks: :meth:`hooks` is entered around each layer's
+    checkpoint (``set_checkpoint_hooks``), so they see the layer's input and nothing else. On a GPU, :meth:`pack`
+    copies it to page-locked host memory (:class:`HostBuffers`) on a side stream, which waits for the forward so
+    far; the device's copy is freed once the host's is made. In the backward pass, layers unpack their inputs in the reverse order of
     the forward; :meth:`unpack` hands back the tensor (already prefetched, or copied now) and starts bringing back the
     one packed before it, so the copy overlaps this layer's recomputation and backward. On a CPU the copies are plain
     copies, so the same bookkeeping runs (and is tested) there.
@@ -273,15 +274,9 @@ class CheckpointOffload:
         self._packed: list[weakref.ref] = []  # in the order the forward packed them
         self._sequence = 0
 
-    def checkpointing(self, checkpoint_function: Callable) -> Callable:
-        """``checkpoint_function`` (a model's ``_gradient_checkpointing_func``) with its layer's inputs offloaded."""
-
-        def offloaded(function, *args, **kwargs):
-            with torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack):
-                return checkpoint_function(function, *args, **kwargs)
-
-        offloaded.offloads = self
-        return offloaded
+    def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
+        """The saved-tensor hooks that offload what a layer's checkpoint keeps, to enter around the checkpoint."""
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
 
     def pack(self, tensor: torch.Tensor):
         if tensor.numel() == 0 or isinstance(tensor, nn.Parameter):
@@ -312,16 +307,9 @@ class CheckpointOffload:
 
 
 def offload_checkpoints(model: nn.Module, offload: CheckpointOffload) -> int:
-    """Run every checkpointing function of ``model`` (set by ``gradient_checkpointing_enable``, one per checkpointed
-    layer) with :class:`CheckpointOffload`'s hooks; returns how many layers it reaches (0: none is checkpointed)."""
-    layers = 0
-    for module in model.modules():
-        function = getattr(module, "_gradient_checkpointing_func", None)
-        if function is None or getattr(function, "offloads", None) is offload:
-            continue
-        module._gradient_checkpointing_func = offload.checkpointing(function)
-        layers += bool(getattr(module, "gradient_checkpointing", False))
-    return layers
+    """Run the checkpoint of every checkpointed decoder layer of ``model`` (``training/gradient_checkpointing.py``)
+    with :class:`CheckpointOffload`'s hooks; returns how many layers it reaches (0: none is checkpointed)."""
+    return set_checkpoint_hooks(model, offload.hooks)
 
 
 def check_offload(model: nn.Module, strategy: Any) -> None:

@@ -12,6 +12,7 @@ import torch
 
 from lt_posttrain.errors import UserError
 from lt_posttrain.model.export import submodule_state_dict
+from lt_posttrain.model.layers import decoder_layers
 from lt_posttrain.training.strategy import FSDP, distribution
 from lt_posttrain.training.tiled import run_as_forward
 
@@ -119,8 +120,7 @@ def wrap_decoder_layers(strategy: Any, model: torch.nn.Module) -> None:
     weight at once on each GPU."""
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-    names = set(getattr(model, "_no_split_modules", None) or ())
-    layers = {type(module) for module in model.modules() if type(module).__name__ in names}
+    layers = {type(module) for module in decoder_layers(model)}
     if layers:
         strategy.kwargs["auto_wrap_policy"] = ModuleWrapPolicy(layers)
 

@@ -259,9 +259,9 @@ class CheckpointOffload:
     save with placeholders), and it saves them outside its own hooks: :meth:`hooks` is entered around each layer's
     checkpoint (``set_checkpoint_hooks``), so they see the layer's input and nothing else. On a GPU, :meth:`pack`
     copies it to page-locked host memory (:class:`HostBuffers`) on a side stream, which waits for the forward so
-    far; the device's copy is freed once the host's is made. In the backward pass, layers unpack their inputs in the reverse order of
-    the forward; :meth:`unpack` hands back the tensor (already prefetched, or copied now) and starts bringing back the
-    one packed before it, so the copy overlaps this layer's recomputation and backward. On a CPU the copies are plain
+    far; the device's copy is freed once the host's is made. In the backward pass, layers unpack their inputs in the
+    reverse order of the forward; :meth:`unpack` hands back the tensor (already prefetched, or copied now) and starts
+    bringing back the one packed before it, so the copy overlaps this layer's recomputation and backward. On a CPU the copies are plain
     copies, so the same bookkeeping runs (and is tested) there.
 
     Not ``torch.autograd.graph.save_on_cpu``: it copies on the compute stream and waits for each copy, in both

@@ -90,6 +90,20 @@ def test_a_micro_batch_made_as_in_1_2_still_works_and_knows_its_step_since_1_3()
     assert tuple(map(int, lt_posttrain.__api_version__.split("."))) >= (1, 3)
 
 
+def test_load_model_builds_other_heads_as_the_trained_model_is_loaded(tiny_model_dir):
+    """``load_model`` (since 1.4): a reward model's head on the tiny Llama, in train mode, with our attention; a bad
+    path is the user's one-line error."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = lt_posttrain.load_model(str(tiny_model_dir), AutoModelForSequenceClassification, num_labels=1)
+    assert type(model).__name__ == "LlamaForSequenceClassification" and model.training
+    assert model.score.out_features == 1 and model.config._attn_implementation == "varlen"
+    assert type(lt_posttrain.load_model(str(tiny_model_dir))).__name__ == "LlamaForCausalLM"
+    with pytest.raises(lt_posttrain.UserError, match="model.name_or_path"):
+        lt_posttrain.load_model(str(tiny_model_dir / "missing"))
+    assert tuple(map(int, lt_posttrain.__api_version__.split("."))) >= (1, 4)
+
+
 def test_importing_the_package_leaves_the_command_line_out():
     probe = "import sys, lt_posttrain; print(sorted(m for m in sys.modules if m.startswith('lt_posttrain.cli')))"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, check=True)

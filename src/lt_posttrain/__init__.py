@@ -37,6 +37,7 @@ from lt_posttrain.data.source_types import SourceType, load_source_type
 from lt_posttrain.data.sources import Source
 from lt_posttrain.errors import UserError
 from lt_posttrain.model.kernels import output_head
+from lt_posttrain.model.loading import load_model
 from lt_posttrain.trainers.sft import SFTModule
 from lt_posttrain.training.losses import sequence_logps, token_cross_entropy_sum, token_logps
 from lt_posttrain.training.sharding import FrozenModel
@@ -46,6 +47,7 @@ __all__ = [
     # trainers
     "SFTModule",
     "FrozenModel",
+    "load_model",
     # the batch contract
     "Batch",
     "IGNORE_INDEX",
@@ -89,7 +91,7 @@ __all__ = [
     "UserError",
 ]
 __version__ = "0.1.0"
-__api_version__ = "1.3"
+__api_version__ = "1.4"
 
 
 def __getattr__(name: str):

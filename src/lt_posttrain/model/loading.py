@@ -213,16 +213,42 @@ def load_causal_lm(
 ):
     """The causal LM of ``name_or_path`` in train mode, weights in ``dtype``; ``quantization_config`` (a
     transformers quantization config, see :mod:`lt_posttrain.model.quantization`) loads the linear layers quantized."""
+    return load_model(name_or_path, None, dtype, attn_implementation, trust_remote_code, quantization_config)
+
+
+def load_model(
+    name_or_path: str,
+    auto_class=None,
+    dtype: str = "float32",
+    attn_implementation: Optional[str] = VARLEN,
+    trust_remote_code: bool = False,
+    quantization_config=None,
+    **from_pretrained_kwargs,
+):
+    """The model of ``name_or_path`` built by ``auto_class`` in train mode, loaded as the trained model is: every form
+    of ``name_or_path`` (a hub id, a folder, a ``.gguf`` file, ``package://``), the ``varlen`` attention registered,
+    a bad path or an unknown architecture one line.
+
+    Args:
+        name_or_path: the model (see :func:`resolve_model_path`).
+        auto_class: a transformers auto class (``AutoModelForSequenceClassification`` for a reward model); default
+            ``AutoModelForCausalLM``.
+        dtype: ``float32``, ``bfloat16``, ``float16`` or ``auto``.
+        attn_implementation: the transformers attention implementation (``varlen`` is ours).
+        trust_remote_code: allow the model's own Python code to run.
+        quantization_config: a transformers quantization config (bitsandbytes), or None.
+        **from_pretrained_kwargs: more for ``from_pretrained`` (``num_labels=1``).
+    """
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
+    kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code, **from_pretrained_kwargs}
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
     if attn_implementation == VARLEN:
         register_varlen_attention()
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    model = _load(AutoModelForCausalLM, _hf_source(name_or_path), name_or_path, **kwargs)
+    model = _load(auto_class or AutoModelForCausalLM, _hf_source(name_or_path), name_or_path, **kwargs)
     return model.train()  # from_pretrained returns eval mode: dropout and checkpointing would be silently off
 
 

@@ -16,7 +16,7 @@ class RankAudit(L.Callback):
     """Records the paths this process creates, writes, renames or removes under ``watch`` (through Python's audit
     hooks, from the moment the callback is built) and the tokens of each sample of each training micro-batch; at the
     end each rank writes them to ``out/rank-N.json`` as ``{"writes": [path, ...], "steps": [[sample, ...], ...]}``,
-    one list of samples per micro-batch, each sample its token ids without padding.
+    one list of samples per micro-batch (padded or packed), each sample its token ids without padding.
 
     Args:
         watch: the folder whose changes are recorded.
@@ -44,6 +44,10 @@ class RankAudit(L.Callback):
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         ids = batch["input_ids"]
+        if "cu_seq_lens_q" in batch:  # a packed row: a sample between each pair of boundaries
+            row, bounds = ids[0].tolist(), batch["cu_seq_lens_q"].tolist()
+            self.steps.append([row[start:end] for start, end in zip(bounds, bounds[1:])])
+            return
         mask = batch.get("attention_mask", torch.ones_like(ids))  # packed rows: no padding to take off
         self.steps.append([row[keep.bool()].tolist() for row, keep in zip(ids, mask)])
 

@@ -1,16 +1,19 @@
 """Data parallelism on CPU ranks (gloo), through the command line with ``configs/sft.yaml`` (its model, data and
 hardware overridden): each rank trains on its own shard of every step, the steps' losses are those of one process
 with the whole step's micro-batch, and only rank 0 writes the logs and the Hugging Face export. Eight processes
-started by ``--trainer.devices 8``, and two nodes started by ``torchrun --nnodes 2``."""
+started by ``--trainer.devices 8``, and two nodes started by ``torchrun --nnodes 2``; two ranks on a streamed source
+read distinct parts of it."""
 
 import json
 from itertools import combinations
 from pathlib import Path
 
 import pytest
+import torch
 
 from cli_runs import fit, fit_on_nodes, logged_losses
 from conftest import gsm8k_chats, write_jsonl
+from lt_posttrain import InstructDataModule
 
 STEPS = 3
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -92,3 +95,32 @@ def test_two_torchrun_nodes_match_one_process(tiny_model_dir, tmp_path):
     assert_ranks_share_out_the_steps_of_one_process(nodes, one, world_size=2)
     assert logged_losses(root / "logs") == pytest.approx(logged_losses(one_root / "logs"), rel=1e-5)
     assert_only_rank_zero_wrote(nodes, root)
+
+
+def test_two_ranks_read_and_train_on_distinct_parts_of_a_stream(tiny_model_dir, tokenizer, tmp_path):
+    """Two gloo ranks on a streamed, packed source: each trains on exactly the samples of its own part of the file
+    (computed here from that rank's part alone), none of the other's, and the checkpoint holds both positions."""
+    data = write_jsonl(tmp_path / "chats.jsonl", gsm8k_chats(40))
+    source = {"name_or_path": str(data), "streaming": True}
+    root, audit = tmp_path / "stream", tmp_path / "stream-audit"
+    fit(tmp_path, *sft_recipe_args(root, audit, tiny_model_dir, data, batch_size=1), "--trainer.devices", "2",
+        "--trainer.strategy", "ddp", "--data.sources", json.dumps([source]), "--data.packing", "true",
+        "--data.packing_buffer", "4", "--trainer.enable_checkpointing", "true")  # fmt: skip
+    ranks = audit_reports(audit)
+
+    shards = [{tuple(sample) for step in ranks[rank]["steps"] for sample in step} for rank in (0, 1)]
+    assert shards[0] and shards[1] and not shards[0] & shards[1]
+    module = InstructDataModule([source], max_length=512, batch_size=1, packing=True, packing_buffer=4)
+    module.connect(tokenizer)
+    module.setup("fit")
+    for rank in (0, 1):
+        reader = iter(module.stream_micro_batches(rank, 2, steps=STEPS))
+        expected = []
+        for _ in range(STEPS):
+            batch = next(reader)
+            row, bounds = batch["input_ids"][0].tolist(), batch["cu_seq_lens_q"].tolist()
+            expected.append([row[start:end] for start, end in zip(bounds, bounds[1:])])
+        assert ranks[rank]["steps"] == expected, rank
+    checkpoint = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
+    (loader,) = checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert len(loader["ranks"]) == 2 and loader["ranks"][0] != loader["ranks"][1]

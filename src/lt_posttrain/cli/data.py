@@ -26,6 +26,7 @@ from lt_posttrain.data.dataset import conversation_samples, masking_of
 from lt_posttrain.data.source_types import load_source_type
 from lt_posttrain.data.sources import Source, load_rows
 from lt_posttrain.data.stats import PERCENTILES, sample_stats
+from lt_posttrain.data.streams import open_stream
 from lt_posttrain.data.tokenize import count_loss_tokens
 from lt_posttrain.errors import UserError
 from lt_posttrain.model.loading import load_tokenizer
@@ -95,6 +96,10 @@ def prepare(
             tokenizer (never the weights).
         format: ``text`` (a table) or ``json`` (one JSON object).
     """
+    if data.streams:
+        streamed = next(source.name_or_path for source in data.sources if source.streaming)
+        raise UserError(f"data prepare counts every row, and data source {streamed!r} is streamed (tokenized as fit "
+                        "reads it, never counted whole); see its first samples with lt-posttrain data preview")
     data.connect(tokenizer_of(model))
     data.setup("fit")
     report = {"tokenizer": str(model_keys(model)["name_or_path"]), **data_report(data)}
@@ -169,7 +174,8 @@ def first_samples(data: InstructDataModule, num: int) -> Iterator[tuple[list[dic
     for source in data.sources:
         source_type = load_source_type(source)
         render = source_type.resolved_renderer(data.tokenizer, data.chat_template)
-        for index, row in enumerate(load_rows(source)):
+        rows = open_stream(source) if source.streaming else enumerate(load_rows(source))
+        for index, row in rows:
             messages, tools = source_type.messages(row, index), source_type.tools(row, index)
             where = f"data source {source.name_or_path!r}, row {index}"
             masking = masking_of(source)

@@ -50,6 +50,9 @@ def quiet_libraries(terminal: bool) -> None:
     for category in (DeprecationWarning, FutureWarning):
         warnings.filterwarnings("ignore", category=category, module=LIBRARIES)
     warnings.filterwarnings("ignore", message=r".* is deprecated", category=UserWarning, module=r"torchdata(\.|$)")
+    # Lightning's caution about the length of an IterableDataset read by several workers: a streamed source's
+    # micro-batches (data/streaming.py) tell Lightning the run's length, and are read by one worker at most
+    warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
     # Lightning's note that it no longer installs TensorBoard, at every run without it (the CSV log is the default)
     warnings.filterwarnings("ignore", message=r"Starting from v1\.9\.0, `tensorboardX` has been removed")
     for name, patterns in LOG_MESSAGES.items():

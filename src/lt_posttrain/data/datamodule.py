@@ -12,13 +12,16 @@ from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lt_posttrain.data.collate import pad_to_static, static_shape
-from lt_posttrain.data.dataset import MicroBatchDataset, describe_dropped, load_samples
+from lt_posttrain.data.dataset import MicroBatchDataset, RowConverter, describe_dropped, load_samples, tokenize_rows
 from lt_posttrain.data.mixing import mixture_indices
 from lt_posttrain.data.packing import pack_best_fit
 from lt_posttrain.data.plan import PlanSampler
 from lt_posttrain.data.prompts import collate_prompts, prompt_of
 from lt_posttrain.data.source_types import load_source_type
 from lt_posttrain.data.sources import Source, as_source, load_rows
+from lt_posttrain.data.streaming import MixedSamples, StreamedMicroBatches, StreamedSamples, StreamLoader, StreamPacker
+from lt_posttrain.data.streaming import TableSamples
+from lt_posttrain.data.streams import check_streamable, open_stream
 from lt_posttrain.errors import UserError
 
 
@@ -49,6 +52,8 @@ class InstructDataModule(L.LightningDataModule):
             packs with padding samples (no loss), its sample boundaries to a fixed count, ``max_length_q/k`` fixed to
             the longest sample; padded batches ``batch_size`` rows as wide as the longest sample. Padding costs compute
             and carries no loss; token counts and throughput leave it out.
+        packing_buffer: with a streamed training source (``streaming: true``), the samples packed together at a time
+            (best-fit over the buffer; larger packs fuller, and holds more in memory and in each checkpoint).
     """
 
     sequences_per_sample = 1
@@ -70,6 +75,7 @@ class InstructDataModule(L.LightningDataModule):
         overlong: Literal["truncate", "drop"] = "truncate",
         num_proc: Optional[int] = None,
         static_shapes: bool = False,
+        packing_buffer: int = 512,
     ):
         super().__init__()
         if not sources:
@@ -83,6 +89,10 @@ class InstructDataModule(L.LightningDataModule):
         self.max_length, self.batch_size, self.packing = max_length, batch_size, packing
         self.shuffle, self.seed, self.num_workers = shuffle, seed, num_workers
         self.overlong, self.num_proc, self.static_shapes = overlong, num_proc, static_shapes
+        if packing_buffer < 1:
+            raise UserError(f"data.packing_buffer must be 1 or more, got {packing_buffer}")
+        self.packing_buffer = packing_buffer
+        self.train_tables: Optional[dict[int, object]] = None  # with streams: the tokenized sources not streamed
         self.chat_template = _read_template(chat_template)
         self.tokenizer = None
         self.train_samples = self.val_samples = self.test_samples = None
@@ -97,6 +107,9 @@ class InstructDataModule(L.LightningDataModule):
         if self.tokenizer is None:
             self.tokenizer = self.trainer.lightning_module.tokenizer
         if self.train_samples is not None or stage == "predict":
+            return
+        if self.streams:
+            self._setup_streams(stage)
             return
         samples, self.dropped = self.tokenize(self.sources)
         if self.val_sources:
@@ -119,6 +132,100 @@ class InstructDataModule(L.LightningDataModule):
         self.val_packs = self._packs(self.val_samples) if self.val_samples is not None else None
         self.test_packs = self._packs(self.test_samples) if self.test_samples is not None else None
         self._report()
+
+    @property
+    def streams(self) -> bool:
+        """Whether a training source is streamed (``streaming: true``): training data then comes from
+        :meth:`stream_loader`, and nothing is tokenized before training starts."""
+        return any(source.streaming for source in self.sources)
+
+    def _setup_streams(self, stage: str) -> None:
+        """``setup`` with a streamed training source: the validation and test data as always (a streamed one keeps
+        its first ``sample_count`` rows), and, to fit, the training sources that are not streamed tokenized."""
+        self._check_streams(stage)
+        if self.val_samples is None and self.val_sources:
+            self.val_samples = self.tokenize(self.val_sources)[0]
+            self.val_packs = self._packs(self.val_samples)
+        if self.test_samples is None and (self.test_sources or self.val_samples is not None):
+            self.test_samples = self.tokenize(self.test_sources)[0] if self.test_sources else self.val_samples
+            self.test_packs = self._packs(self.test_samples)
+        if stage == "fit" and self.train_tables is None:
+            self.train_tables = {}
+            for number, source in enumerate(self.sources):
+                if not source.streaming:
+                    rows = load_rows(source)
+                    self.train_tables[number], dropped = tokenize_rows(
+                        rows, source, self.tokenizer, self.max_length, self.chat_template, self.overlong, self.num_proc
+                    )  # fmt: skip
+                    self.dropped.update({(source.name_or_path, reason): count for reason, count in dropped.items()})
+            names = ", ".join(f"{s.name_or_path!r} ({'streamed' if s.streaming else 'table'})" for s in self.sources)
+            validation = len(self.val_samples) if self.val_samples is not None else 0
+            rank_zero_info(f"data: training sources {names}, tokenized as they are read; {validation} validation "
+                           "samples")  # fmt: skip
+
+    def _check_streams(self, stage: str) -> None:
+        """The settings a streamed training source cannot work with, each a one-line error."""
+        streamed = next(source.name_or_path for source in self.sources if source.streaming)
+        if type(self).tokenize is not InstructDataModule.tokenize:
+            raise UserError(f"data source {streamed!r}: {type(self).__name__} tokenizes its own training units and "
+                            "does not stream them; remove streaming: true")  # fmt: skip
+        problems = [
+            ("data.val_fraction", self.val_fraction, "holds out part of a table; give data.val_sources instead"),
+            ("data.static_shapes", self.static_shapes, "needs the lengths of all samples before training; turn it off"),
+            ("data.num_workers", self.num_workers > 1,
+             "must be 0 or 1 (one worker reads and tokenizes the stream in the background)"),
+        ]  # fmt: skip
+        for key, refused, problem in problems:
+            if refused:
+                raise UserError(f"{key}: data source {streamed!r} is streamed, and {key} {problem}")
+        for source in self.sources:
+            if source.streaming and source.sample_count is not None:
+                raise UserError(f"data source {source.name_or_path!r}: sample_count does not apply to a streamed "
+                                "training source (it is read until trainer.max_steps, pass after pass); remove it")
+            if source.streaming:
+                check_streamable(source)
+        trainer = self.trainer
+        if stage == "fit" and trainer is not None and trainer.max_steps < 0:
+            raise UserError(f"trainer.max_steps is required: data source {streamed!r} is streamed, so the number of "
+                            "steps is not known from the data (set e.g. --trainer.max_steps 1000)")  # fmt: skip
+
+    def stream_loader(self) -> StreamLoader:
+        """The training loader of a run with a streamed source: this rank's micro-batches, tokenized, mixed and
+        packed as the streams are read (``data/streaming.py``); resumable, its state every rank's position."""
+        trainer = self.trainer
+        accumulate = trainer.accumulate_grad_batches
+        dataset = self.stream_micro_batches(trainer.global_rank, trainer.world_size, accumulate, trainer.max_steps)
+        identity = {
+            "data.sources": [f"{s.name_or_path} ({'streamed' if s.streaming else 'table'}, weight {s.weight})"
+                             for s in self.sources],
+            "data.batch_size": self.batch_size, "trainer.accumulate_grad_batches": accumulate,
+            "data.packing": self.packing, "data.max_length": self.max_length,
+            "data.packing_buffer": self.packing_buffer, "data.seed": self.seed,
+        }  # fmt: skip
+        pin = trainer.strategy.root_device.type == "cuda"
+        # A worker sends its position (the packing buffer included) once a step, at the step boundaries where
+        # checkpoints are taken, not with every micro-batch.
+        return StreamLoader(dataset, identity, num_workers=self.num_workers, pin_memory=pin,
+                            snapshot_every_n_steps=accumulate)  # fmt: skip
+
+    def stream_micro_batches(self, rank: int = 0, world_size: int = 1, accumulate: int = 1,
+                             steps: int = 1) -> StreamedMicroBatches:  # fmt: skip
+        """Rank ``rank``'s micro-batches of ``steps`` optimizer steps of ``accumulate`` micro-batches each, from the
+        training sources (after ``setup("fit")``): the streamed ones read as they come (this rank's part), the others
+        from their tokenized tables (this rank's share), mixed by ``weight``, packed in a buffer of
+        ``packing_buffer`` samples."""
+        parts = []
+        for number, source in enumerate(self.sources):
+            if source.streaming:
+                converter = RowConverter.of(source, self.tokenizer, self.max_length, self.chat_template, self.overlong)
+                parts.append(StreamedSamples(open_stream(source, rank, world_size), converter))
+            else:
+                table = self.train_tables[number]
+                parts.append(TableSamples(table, source.name_or_path, rank, world_size, self.shuffle, self.seed))
+        mixed = MixedSamples(parts, [source.weight for source in self.sources], self.seed)
+        packs = StreamPacker(mixed, self.max_length, self.packing_buffer, self.packing)
+        return StreamedMicroBatches(packs, self.batch_size, accumulate, self.packing, self.tokenizer.pad_token_id,
+                                    length=steps * accumulate)  # fmt: skip
 
     def tokenize(self, sources: list[Source]):
         """Stages 1 to 3 for ``sources``: ``(samples, dropped)`` as :func:`~lt_posttrain.data.dataset.load_samples`
@@ -192,6 +299,8 @@ class InstructDataModule(L.LightningDataModule):
         return partial(pad_to_static, shape=shape, pad_id=self.tokenizer.pad_token_id)
 
     def train_dataloader(self):
+        if self.streams:
+            return self.stream_loader()
         return self._loader(self.train_samples, self.train_packs, train=True)
 
     def val_dataloader(self):

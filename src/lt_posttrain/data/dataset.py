@@ -90,15 +90,54 @@ def tokenize_rows(
     within ``max_length``, or longer than ``max_length`` with ``overlong="drop"``). Cached with the rows', so a second
     run with the same rows and options does no work; ``num_proc`` processes tokenize in parallel.
     """
-    source_type = load_source_type(source)
-    render = source_type.resolved_renderer(tokenizer, chat_template)
-    where = f"data source {source.name_or_path!r}"
-    weighted = "weight" in rows.column_names
-    masking = masking_of(source)
-    by_token = masking.mask == "field"  # each trained message may weigh its tokens
-    columns = _COLUMNS + (("weight",) if weighted else ()) + (("token_weights",) if by_token else ())
+    converter = RowConverter.of(source, tokenizer, max_length, chat_template, overlong)
+    identity = cache_identity(rows, converter.source_type, tokenizer, chat_template, max_length, overlong)
+    features = _features("weight" in rows.column_names, converter.by_token)
+    return map_and_drop(rows, converter, features, identity, num_proc, f"Tokenizing {source.name_or_path}")
 
-    def convert(batch, indices):
+
+@dataclass
+class RowConverter:
+    """Stages 2 and 3 for the rows of one source, a batch at a time: what :func:`tokenize_rows` maps over a table and
+    what a streamed source runs on the rows as they come (``data/streaming.py``), so both give the same samples and
+    masks. Make one with :meth:`of`; call it with a batch of rows as columns and their indices.
+
+    Attributes:
+        source, source_type, render, masking: the source, its type, renderer and masking.
+        tokenizer, max_length, overlong: as the data module has them.
+        by_token: each trained message may weigh its tokens (``mask: field``): samples get ``token_weights``.
+    """
+
+    source: Source
+    source_type: Any
+    render: Callable
+    masking: Masking
+    tokenizer: Any
+    max_length: int
+    overlong: str
+
+    @classmethod
+    def of(cls, source: Source, tokenizer, max_length: int, chat_template: str | None, overlong: str = "truncate"):
+        """The converter of ``source`` (its source type loaded, renderer resolved, masking checked)."""
+        source_type = load_source_type(source)
+        render = source_type.resolved_renderer(tokenizer, chat_template)
+        return cls(source, source_type, render, masking_of(source), tokenizer, max_length, overlong)
+
+    @property
+    def by_token(self) -> bool:
+        return self.masking.mask == "field"
+
+    def where(self, index) -> str:
+        """Row ``index`` of the source, for error messages."""
+        return f"data source {self.source.name_or_path!r}, row {index}"
+
+    def __call__(self, batch: dict, indices) -> dict:
+        """The samples of a batch of rows (``{column: values}``; rows with a ``weight`` column weigh their samples'
+        losses), as columns: ``input_ids``, ``labels``, ``truncated``, ``length``, ``loss_count``, ``dropped`` (a row
+        that gives no sample has one empty sample with its reason there; the others ``""``), and ``weight`` and
+        ``token_weights`` where they apply."""
+        weighted = "weight" in batch
+        columns = _COLUMNS + (("weight",) if weighted else ()) + (("token_weights",) if self.by_token else ())
         out = {key: [] for key in columns + ("dropped",)}
 
         def add(sample: dict, loss_count: int, weight: float, dropped: str = "") -> None:
@@ -109,20 +148,22 @@ def tokenize_rows(
             out["dropped"].append(dropped)
             if weighted:
                 out["weight"].append(weight)
-            if by_token:
+            if self.by_token:
                 out["token_weights"].append(sample.get("token_weights", []))
 
+        masking, source_type = self.masking, self.source_type
         conversations, parts = [], []  # render every row of the batch, then tokenize them in one call
         for offset, index in enumerate(indices):
             row = {column: values[offset] for column, values in batch.items()}
             messages, tools = source_type.messages(row, index), source_type.tools(row, index)
-            rendered = rendered_parts(messages, render, f"{where}, row {index}", masking, tools)
-            conversations.append((messages, float(row["weight"]) if weighted else 1.0, len(rendered)))
+            rendered = rendered_parts(messages, self.render, self.where(index), masking, tools)
+            weight = row["weight"] if weighted else None  # a row without one (null, or absent) weighs 1
+            conversations.append((messages, 1.0 if weight is None else float(weight), len(rendered)))
             parts += rendered
-        tokenized = iter(tokenize_rendered_batch(parts, tokenizer, max_length))
+        tokenized = iter(tokenize_rendered_batch(parts, self.tokenizer, self.max_length))
         for messages, weight, count in conversations:
             samples = [sample for sample in islice(tokenized, count) if count_loss_tokens(sample["labels"])]
-            kept = [sample for sample in samples if overlong == "truncate" or not sample["truncated"]]
+            kept = [sample for sample in samples if self.overlong == "truncate" or not sample["truncated"]]
             for sample in kept:
                 add(sample, count_loss_tokens(sample["labels"]), weight)
             if not kept:
@@ -130,10 +171,6 @@ def tokenize_rows(
                 reason = LONGER_THAN_MAX if samples else NO_LOSS_TOKEN if has_turn else NO_ASSISTANT_TURN
                 add(_EMPTY, 0, weight, reason)
         return out
-
-    identity = cache_identity(rows, source_type, tokenizer, chat_template, max_length, overlong)
-    features = _features(weighted, by_token)
-    return map_and_drop(rows, convert, features, identity, num_proc, f"Tokenizing {source.name_or_path}")
 
 
 def cache_identity(rows, source_type, tokenizer, chat_template, max_length: int, overlong: str, *versions: str) -> str:
@@ -346,6 +383,19 @@ def describe_dropped(dropped: dict) -> str:
     return f"{total} row{'s' if total != 1 else ''} dropped ({details})"
 
 
+SAMPLE_KEYS = ("input_ids", "labels", "weight", "token_weights")
+"""The keys of a tokenized sample that its micro-batch's tensors are made from."""
+
+
+def collate_micro_batch(samples: list[dict], packing: bool, pad_id: int, loss_count: int, step_loss_count: int) -> dict:
+    """The tensors of one micro-batch of ``samples`` (packed into one row, or padded) with its loss counts: its own
+    ``loss_count`` and ``step_loss_count``, this rank's share of its optimizer step's."""
+    batch = collate_packed(samples) if packing else collate_padded(samples, pad_id)
+    batch["loss_count"] = torch.tensor(loss_count)
+    batch["step_loss_count"] = torch.tensor(step_loss_count)
+    return batch
+
+
 class MicroBatchDataset(Dataset):
     """Indexed by a :class:`MicroBatch` (from ``PlanSampler``): returns its collated tensors plus its loss counts."""
 
@@ -355,12 +405,10 @@ class MicroBatchDataset(Dataset):
     def __getitem__(self, micro_batch: MicroBatch) -> dict:
         indices = [index for pack in micro_batch.packs for index in pack]
         columns = self.samples[indices] if indices else {"input_ids": [], "labels": []}
-        names = [name for name in ("input_ids", "labels", "weight", "token_weights") if name in columns]
+        names = [name for name in SAMPLE_KEYS if name in columns]
         samples = [dict(zip(names, values)) for values in zip(*(columns[name] for name in names))]
-        batch = collate_packed(samples) if self.packing else collate_padded(samples, self.pad_id)
-        batch["loss_count"] = torch.tensor(micro_batch.loss_count)
-        batch["step_loss_count"] = torch.tensor(micro_batch.step_loss_count)
-        return batch
+        return collate_micro_batch(samples, self.packing, self.pad_id, micro_batch.loss_count,
+                                   micro_batch.step_loss_count)  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -1,4 +1,5 @@
-"""Between stages 3 and 4: training sources mixed by weight, by sampling their tokenized samples."""
+"""Between stages 3 and 4: training sources mixed by weight, by sampling their tokenized samples (streamed sources:
+by drawing each next sample's source, ``data/streaming.py``)."""
 
 import random
 from typing import Optional
@@ -6,12 +7,18 @@ from typing import Optional
 from lt_posttrain.errors import UserError
 
 
-def mixture_counts(sizes: list[int], weights: list[Optional[float]]) -> list[int]:
-    """How many samples each source gives to a mixture as large as all sources together, in proportion to its
-    weight (a source without a weight weighs 1). Rounded by largest remainder, so the counts add up exactly."""
+def mixture_shares(weights: list[Optional[float]]) -> list[float]:
+    """Each source's weight as a number (a source without a weight weighs 1), checked: >= 0 and not all 0."""
     shares = [1.0 if weight is None else float(weight) for weight in weights]
     if any(share < 0 for share in shares) or sum(shares) <= 0:
         raise UserError(f"data.sources weights must be >= 0 and not all 0, got {weights}")
+    return shares
+
+
+def mixture_counts(sizes: list[int], weights: list[Optional[float]]) -> list[int]:
+    """How many samples each source gives to a mixture as large as all sources together, in proportion to its
+    weight (a source without a weight weighs 1). Rounded by largest remainder, so the counts add up exactly."""
+    shares = mixture_shares(weights)
     total, norm = sum(sizes), sum(shares)
     exact = [total * share / norm for share in shares]
     counts = [int(value) for value in exact]

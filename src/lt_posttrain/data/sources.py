@@ -5,6 +5,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field, fields
+from itertools import islice
 from pathlib import Path
 from typing import Literal, Optional, Union
 
@@ -73,6 +74,10 @@ class Source:
             its JSON text) a row's conversation may call; they are given to the chat template as ``tools``. A row
             without the column, or with null, has none.
         options: settings of a plugin type, passed to it as they are.
+        streaming: read the rows as they come instead of loading (and, from the hub, downloading) the whole table
+            first: tokenized and packed on the fly as training reads them, each data-parallel rank reading its own
+            part; a training stream needs ``trainer.max_steps`` and starts over when it ends (see
+            ``data/streams.py``). A streamed validation source keeps its first ``sample_count`` rows.
     """
 
     name_or_path: str
@@ -98,6 +103,7 @@ class Source:
     train_reasoning: bool = True
     tools_column: str = "tools"
     options: dict = field(default_factory=dict)
+    streaming: bool = False
 
 
 def as_source(entry: Union[str, Source, dict]) -> Source:
@@ -131,9 +137,11 @@ def _local_format(path: Path) -> tuple[str, list[str]]:
 
 
 def load_rows(source: Source):
-    """The rows of ``source`` as a ``datasets.Dataset``."""
+    """The rows of ``source`` as a ``datasets.Dataset``; of a streamed source, its first ``sample_count`` rows."""
     import datasets
 
+    if source.streaming:
+        return _first_rows_of_stream(source)
     path = Path(source.name_or_path).expanduser()
     if path.exists():
         builder, files = _local_format(path)
@@ -163,6 +171,21 @@ def load_rows(source: Source):
     if source.sample_count is not None:
         rows = rows.select(range(min(source.sample_count, len(rows))))
     return rows
+
+
+def _first_rows_of_stream(source: Source):
+    """The first ``sample_count`` rows of streamed ``source``, as a table (validation and test data are tables)."""
+    import datasets
+
+    from lt_posttrain.data.streams import open_stream  # streams.py reads this module's helpers
+
+    if source.sample_count is None:
+        raise UserError(f"data source {source.name_or_path!r} is streamed: as validation, test or prediction data it "
+                        "needs sample_count (its first rows are kept)")  # fmt: skip
+    rows = [row for _, row in islice(open_stream(source), source.sample_count)]
+    if not rows:
+        raise UserError(f"data source {source.name_or_path!r}: no rows (give a file with rows)")
+    return datasets.Dataset.from_list(rows)
 
 
 def _json_problem(files: list[str]) -> Optional[str]:

@@ -17,7 +17,7 @@ __all__ = ["COMMON_FIELDS", "Render", "RenderError", "SourceType", "chat_rendere
 # Fields every type understands; the others belong to one type or another (see ``SourceType.reads``).
 COMMON_FIELDS = frozenset(
     {"name_or_path", "split", "subset", "sample_count", "shuffle", "seed", "type", "weight", "options", "mask",
-     "train_end_of_turn", "train_reasoning"}
+     "train_end_of_turn", "train_reasoning", "streaming"}
 )  # fmt: skip
 
 

@@ -2,6 +2,10 @@
 (CPU, float32, to 1e-6), on padded and packed batches, with per-sample weights and with LoRA; what an option cannot
 do is one line."""
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -102,17 +106,21 @@ def test_all_options_with_lora(model_dir, batch):
                                                                        long_context=options))  # fmt: skip
 
 
-def test_the_tiled_loss_never_computes_the_logits(model_dir, samples):
-    """The causal LM's own forward (which returns logits) never runs; the head sees a tile of loss tokens at a time."""
+def test_the_tiled_loss_never_computes_the_logits(model_dir, samples, monkeypatch):
+    """The causal LM's own forward (which returns logits) never runs; the head's weight is applied to a tile of loss
+    tokens at a time, each tile again in the backward pass."""
     module = SFTModule(str(model_dir), long_context={"tiled_loss": True, "loss_tile_tokens": 16})
     module.configure_model()
     calls, rows = [], []
     module.model.register_forward_hook(lambda *args: calls.append("logits"))
-    module.model.get_output_embeddings().register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+    head = module.model.get_output_embeddings()
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, weight, *args: (
+        rows.append(x.shape[0]) if weight is head.weight else None) or linear(x, weight, *args))  # fmt: skip
     batch = collate_packed(samples)
     module.loss(batch).backward()
     loss_tokens = int((batch["targets"] != -100).sum())
-    assert calls == [] and max(rows) == 16 and sum(rows) == 2 * loss_tokens  # the backward recomputes each tile
+    assert calls == [] and max(rows) == 16 and sum(rows) == 2 * loss_tokens
 
 
 def test_the_mlp_runs_a_tile_at_a_time_and_recomputes_each_in_the_backward(model_dir, samples):
@@ -234,6 +242,55 @@ def test_a_model_whose_layers_have_no_mlp_is_refused_in_one_line(capsys, model_d
                                   "to tile; set it to false")  # fmt: skip
 
 
+def test_offload_beside_fsdp_s_own_activation_checkpointing_is_refused_in_one_line(model_dir):
+    from lightning.pytorch.strategies import FSDPStrategy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from lt_posttrain.training.long_context import check_offload
+
+    strategy = FSDPStrategy(activation_checkpointing_policy={LlamaDecoderLayer})
+    model = SFTModule(str(model_dir)).build_model()
+    with pytest.raises(UserError, match="^model.long_context.offload_checkpoints offloads the model's own gradient "
+                                        "checkpoints, not FSDP's: remove the strategy's activation_checkpointing"):
+        check_offload(model, strategy)
+    check_offload(model, FSDPStrategy())  # without it: accepted
+
+
+# -- on a GPU ------------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_offloaded_checkpoints_leave_the_device_and_change_nothing(model_dir):
+    """float32 on the GPU, one packed sample of 8192 tokens: with the offload, after the forward the device holds
+    about the two layers' inputs less than with gradient checkpointing alone, their copies are in page-locked host
+    memory, and the loss and gradients are the same (every option on: to 1e-5)."""
+    torch.manual_seed(0)
+    ids = torch.randint(VOCAB, (8192,)).tolist()
+    batch = {key: value.cuda() if torch.is_tensor(value) else value
+             for key, value in collate_packed([{"input_ids": ids, "labels": ids}]).items()}  # fmt: skip
+    results = {}
+    for name, options in (("checkpointing", {}), ("offload", {"offload_checkpoints": True}),
+                          ("all", {key: True for key in OPTIONS})):  # fmt: skip
+        module = SFTModule(str(model_dir), gradient_checkpointing=True, long_context=options)
+        module.configure_model()
+        module.cuda().model.train()
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        loss = module.loss(batch)
+        torch.cuda.synchronize()
+        torch.empty(1, device="cuda")  # the allocator frees blocks whose copies have finished
+        held = torch.cuda.memory_allocated() - before
+        if module.checkpoint_offload is not None:
+            assert all(ref().host.is_pinned() for ref in module.checkpoint_offload._packed)
+        loss.backward()
+        grads = {name: p.grad.cpu() for name, p in module.model.named_parameters()}
+        results[name] = (loss.item(), grads, held)
+        del module, loss
+    layer_input = 8192 * 64 * 4
+    assert results["checkpointing"][2] - results["offload"][2] >= 1.5 * layer_input
+    assert_same(results["checkpointing"][:2], results["offload"][:2], tolerance=1e-6)
+    assert_same(results["checkpointing"][:2], results["all"][:2], tolerance=1e-5)
+
+
 # -- nothing quadratic in the sequence length -----------------------------------------------------------------------
 class LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
     """Records the most bytes any operation's output had while active (an operator's own inner buffers aside: the
@@ -287,3 +344,47 @@ def test_a_step_on_one_long_sample_builds_nothing_of_tokens_by_tokens(model_dir,
         for batch in (collate_packed([sample]), collate_padded([sample], 0)):
             module.loss(batch).backward()
     assert watch.largest < 4 * tokens * tokens // 8, watch.name
+
+
+# -- under every strategy -------------------------------------------------------------------------------------------
+STEPS, RANKS = 3, 2
+
+
+def test_every_option_under_ddp_zero2_zero3_and_fsdp_gives_the_losses_of_one_process(model_dir, tokenizer, tmp_path):
+    """Two CPU ranks, every option on (and gradient checkpointing), three steps of two packed micro-batches each
+    (``long_context_worker.py``, one launch for the four strategies): every strategy's step losses are those of one
+    process without the options, so the gradients of the first two steps were too."""
+    pytest.importorskip("deepspeed")
+    from lt_posttrain.training.optimizer import build_optimizer
+
+    rows = [tokenize_conversation(row["messages"], tokenizer, 512)[0] for row in gsm8k_chats(2 * STEPS * RANKS)]
+    for row in rows:
+        row["input_ids"] = [token % VOCAB for token in row["input_ids"]]
+        row["labels"] = [label if label < 0 else label % VOCAB for label in row["labels"]]
+    batches = [collate_packed(rows[2 * index : 2 * index + 2]) for index in range(STEPS * RANKS)]
+    for batch in batches:
+        batch["loss_count"] = (batch["targets"] != -100).sum()
+    torch.save(batches, tmp_path / "batches.pt")
+    tests = Path(__file__).parent
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(RANKS),
+               str(tests / "long_context_worker.py"), str(model_dir), str(tmp_path / "batches.pt"), str(tmp_path)]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    reports = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in range(RANKS)]
+
+    module = SFTModule(str(model_dir), learning_rate=1e-3)
+    module.configure_model()
+    optimizer, losses = build_optimizer("adamw", module.model, 1e-3, 0.0), []
+    for step in range(STEPS):
+        group = batches[step * RANKS : (step + 1) * RANKS]
+        loss = sum(module.loss(batch) for batch in group) / sum(batch["loss_count"] for batch in group)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    for name in ("ddp", "deepspeed_stage_2", "deepspeed_stage_3", "fsdp"):
+        assert reports[1][name] == reports[0][name], name
+        assert reports[0][name] == pytest.approx(losses, rel=1e-5), name

@@ -44,16 +44,33 @@ def test_tiled_logps_and_gradients_equal_the_full_logits(tile_bytes, softcap):
     assert grads[1] == pytest.approx(head.weight.grad, abs=1e-6)
 
 
-def test_the_head_sees_only_positions_with_a_target_a_tile_at_a_time():
+def test_the_head_sees_only_positions_with_a_target_a_tile_at_a_time(monkeypatch):
+    """A linear head runs once as a module (a strategy gathers its weight once), its weight applied a tile at a time;
+    any other head is called a tile at a time."""
     torch.manual_seed(0)
     head = torch.nn.Linear(8, 40, bias=False)
-    rows = []
-    head.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
+    calls, rows = [], []
+    head.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    linear = F.linear
+    monkeypatch.setattr(F, "linear", lambda x, *args: rows.append(x.shape[0]) or linear(x, *args))
     targets = torch.full((2, 30), -100)
     targets[1, 10:27] = 5  # 17 positions with a target
     with torch.no_grad():
         token_logps(torch.randn(2, 30, 8), head, targets, tile_bytes=4 * 40 * 5)
-    assert rows == [5, 5, 5, 2]
+    assert calls == [17] and rows == [5, 5, 5, 2]
+
+    class Scaled(torch.nn.Module):  # not a plain linear layer (as a LoRA adapter on the head)
+        out_features = 40
+
+        def forward(self, x):
+            return head.weight.new_ones(()) * linear(x, head.weight)
+
+    calls.clear()
+    scaled = Scaled()
+    scaled.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    with torch.no_grad():
+        token_logps(torch.randn(2, 30, 8), scaled, targets, tile_bytes=4 * 40 * 5)
+    assert calls == [5, 5, 5, 2]
 
 
 def test_run_as_forward_runs_inside_the_modules_hooks():

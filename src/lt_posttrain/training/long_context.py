@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from lt_posttrain.errors import UserError
 from lt_posttrain.model.kernels import decoder_of, logit_scaling, output_head
 from lt_posttrain.training.gradient_checkpointing import set_checkpoint_hooks
-from lt_posttrain.training.tiled import TILE_BYTES
+from lt_posttrain.training.tiled import TILE_BYTES, tiles_on_every_rank
 
 
 @dataclass
@@ -105,7 +105,9 @@ class TiledMLPForward:
     ranks). Here the tiles are ordinary nodes of the autograd graph, so the engine sums each weight's gradient over
     the tiles before accumulating it once: DDP, DeepSpeed ZeRO-1/2/3 and FSDP see the backward of an untiled MLP,
     with no strategy-specific code. The cost is the same as theirs: the MLP's forward runs twice a step (three times
-    under gradient checkpointing, whose recomputation of the layer runs it once more).
+    under gradient checkpointing, whose recomputation of the layer runs it once more). Under ZeRO-3, which gathers the
+    weights of the MLP's linear layers each time they run (a collective), every rank runs as many tiles as the rank
+    with the most tokens (:func:`~lt_posttrain.training.tiled.tiles_on_every_rank`), the extra ones of one token.
 
     Args:
         forward: the MLP's own forward (bound), ``hidden_states [..., hidden] -> [..., hidden]``.
@@ -116,18 +118,23 @@ class TiledMLPForward:
         self.forward, self.tokens = forward, tokens
 
     def __call__(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        rows = hidden_states.reshape(-1, hidden_states.shape[-1])
-        if args or kwargs or rows.shape[0] <= self.tokens:
+        if args or kwargs:
             return self.forward(hidden_states, *args, **kwargs)
+        rows = hidden_states.reshape(-1, hidden_states.shape[-1])
+        count = -(-rows.shape[0] // self.tokens)
+        module = getattr(self.forward, "__self__", None)
+        every = tiles_on_every_rank(count, module.parameters() if isinstance(module, nn.Module) else ())
+        if every <= 1:
+            return self.forward(hidden_states)
+        tiles = list(rows.split(self.tokens)) + [rows[:1]] * (every - count)  # ZeRO-3's extra tiles, dropped
         grad = torch.is_grad_enabled()
-        pieces = [checkpoint(self.forward, tile, use_reentrant=False) if grad else self.forward(tile)
-                  for tile in rows.split(self.tokens)]  # fmt: skip
+        pieces = [checkpoint(self.forward, tile, use_reentrant=False) if grad else self.forward(tile) for tile in tiles]
         if not all(isinstance(piece, torch.Tensor) for piece in pieces):
             raise UserError(f"model.long_context.tiled_mlp: the MLP's forward returns a {type(pieces[0]).__name__}, "
                             "not a tensor of its input's tokens; set it to false")  # fmt: skip
         # cat, not writes into one output: its backward hands each tile a view of the gradient (in-place writes would
         # copy the whole gradient once per tile)
-        return torch.cat(pieces).view(*hidden_states.shape[:-1], -1)
+        return torch.cat(pieces)[: rows.shape[0]].view(*hidden_states.shape[:-1], -1)
 
 
 def tile_mlps(model, tokens: Optional[int] = None) -> int:

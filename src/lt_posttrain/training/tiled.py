@@ -4,8 +4,11 @@ that the ``[tokens, vocab]`` logits are never held whole; and the pieces to do i
 Only the positions that have a target go through the head (a preference pair's prompt does not), a tile of them at a
 time; under gradients each tile runs under activation checkpointing, so the backward pass recomputes its logits instead
 of keeping them. At any moment one tile's logits (and their gradient) are alive: with a 128k vocabulary and the default
-budget, 512 tokens' worth. The head is called as a module, so a strategy that gathers a module's weights around its
-forward (DeepSpeed ZeRO-3, an FSDP unit) has them whole; :func:`run_as_forward` runs any code where they are.
+budget, 512 tokens' worth. The tiles run as the head's forward (:func:`run_as_forward`), so a strategy that gathers a
+module's weights around its forward (DeepSpeed ZeRO-3, an FSDP unit) has them whole, once for all the tiles, in the
+forward pass and again in the backward. A head that is not a plain linear layer (a LoRA adapter on it) is called as a
+module a tile at a time instead; under ZeRO-3, which gathers its weights at each call, every rank then runs as many
+tiles as the rank with the most (:func:`tiles_on_every_rank`), since each gather is a collective all ranks join.
 """
 
 from typing import Callable, Optional
@@ -57,20 +60,52 @@ def tiled_token_logps(
     positions = (flat_targets != IGNORE_INDEX).nonzero().squeeze(-1)
     rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
     chosen_targets = flat_targets.index_select(0, positions)
-
-    def tile_logps(tile_hidden: torch.Tensor, tile_targets: torch.Tensor) -> torch.Tensor:
-        logits = head_logits(head, tile_hidden, softcap)
-        return logits.gather(-1, tile_targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-
     tile = tile_tokens(head.out_features, tile_bytes)
-    pieces = []
-    for start in range(0, len(positions), tile):
-        part = rows[start : start + tile], chosen_targets[start : start + tile]
-        grad = torch.is_grad_enabled()
-        pieces.append(checkpoint(tile_logps, *part, use_reentrant=False) if grad else tile_logps(*part))
-    logps = torch.cat(pieces) if pieces else rows.new_zeros(0, dtype=torch.float32)
+    if type(head) is nn.Linear:  # its weight gathered once, the tiles computed from it
+        logps = run_as_forward(head, lambda inner, *args: _tiled_logps(inner, *args, tile, softcap, linear=True),
+                               rows, chosen_targets)  # fmt: skip
+    else:
+        logps = _tiled_logps(head, rows, chosen_targets, tile, softcap, linear=False)
     out = torch.zeros(flat_targets.shape, dtype=torch.float32, device=hidden.device)
     return out.index_put((positions,), logps).view(targets.shape)
+
+
+def _tiled_logps(head: nn.Module, rows: torch.Tensor, targets: torch.Tensor, tile: int, softcap: Optional[float],
+                 linear: bool) -> torch.Tensor:  # fmt: skip
+    """``[rows]`` log-probabilities of ``targets``, ``tile`` rows at a time: from the head's weight (``linear``: the
+    caller has it whole), or calling the head, as many times on every rank (:func:`tiles_on_every_rank`)."""
+
+    def tile_logps(tile_hidden: torch.Tensor, tile_targets: torch.Tensor) -> torch.Tensor:
+        if linear:
+            logits = torch.nn.functional.linear(tile_hidden, head.weight, head.bias).float()
+            logits = logits if softcap is None else softcap * torch.tanh(logits / softcap)
+        else:
+            logits = head_logits(head, tile_hidden, softcap)
+        return logits.gather(-1, tile_targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+    count = max(-(-len(rows) // tile), 1)  # an empty tile all the same: the backward reaches the head on every rank
+    if not linear:
+        count = tiles_on_every_rank(count, head.parameters())  # the extra tiles are empty
+    grad = torch.is_grad_enabled()
+    pieces = []
+    for start in range(0, count * tile, tile):
+        part = rows[start : start + tile], targets[start : start + tile]
+        pieces.append(checkpoint(tile_logps, *part, use_reentrant=False) if grad else tile_logps(*part))
+    return torch.cat(pieces) if pieces else rows.new_zeros(0, dtype=torch.float32)
+
+
+def tiles_on_every_rank(count: int, parameters) -> int:
+    """``count`` tiles, or under DeepSpeed ZeRO-3 (if ``parameters``, those a tile's module reads, are partitioned)
+    the most any rank runs: ZeRO-3 gathers a module's weights each time the module runs, and each gather is a
+    collective that every rank must join, so every rank must run the module as many times. One all-reduce."""
+    parameters = list(parameters)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not distributed or not any(hasattr(p, "ds_id") for p in parameters) or torch.distributed.get_world_size() == 1:
+        return count
+    on_gpu = torch.distributed.get_backend() == "nccl"
+    most = torch.tensor([count], device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu")
+    torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+    return int(most.item())
 
 
 def run_as_forward(module: nn.Module, function: Callable, *args, inner: Optional[nn.Module] = None):

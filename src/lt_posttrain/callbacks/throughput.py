@@ -22,6 +22,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from lt_posttrain.batch import sample_lengths
+from lt_posttrain.training.sequence_parallel import sequence_parallel_of
 from lt_posttrain.training.sharding import full_shape
 
 
@@ -89,6 +90,8 @@ class ThroughputMeter(L.Callback):
         if not self.enabled:
             return
         self._per_token = matmul_flops_per_token(module.model)
+        # the ranks of a sequence-parallel group share each row (sample_lengths are the whole row's): 1/N each
+        self._share = 1.0 / sequence_parallel_of(module)
         self._attention = attention_flops_per_square_token(getattr(module.model, "config", None))
         self._peak = self._peak_flops(trainer, module)
         self._counts = torch.zeros(2, dtype=torch.float64, device=module.device)  # [tokens, flops] since last log
@@ -114,7 +117,7 @@ class ThroughputMeter(L.Callback):
             return
         lengths = sample_lengths(batch).to(torch.float64)
         flops = self._per_token * lengths.sum() + self._attention * (lengths**2).sum()
-        self._counts += torch.stack([lengths.sum(), flops])
+        self._counts += torch.stack([lengths.sum(), flops]) * self._share
         if trainer.global_step == self._last_step:  # inside an accumulation window
             return
         self._last_step = trainer.global_step

@@ -223,6 +223,9 @@ class PostTrainCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
         prepare_strategy(self.trainer.strategy, micro_batch_size=getattr(self.datamodule, "batch_size", 1))
+        check = getattr(self.model, "check_sequence_parallel", None)
+        if check is not None and self.subcommand != "predict":  # before any process of a multi-rank run starts
+            check(self.trainer, self.datamodule)
         connect = getattr(self.datamodule, "connect", None)
         if connect is not None and getattr(self.model, "tokenizer", None) is not None:
             connect(self.model.tokenizer)

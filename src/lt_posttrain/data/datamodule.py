@@ -23,6 +23,7 @@ from lt_posttrain.data.streaming import MixedSamples, StreamedMicroBatches, Stre
 from lt_posttrain.data.streaming import TableSamples
 from lt_posttrain.data.streams import check_streamable, open_stream
 from lt_posttrain.errors import UserError
+from lt_posttrain.training.sequence_parallel import data_parallel_rank
 
 
 class InstructDataModule(L.LightningDataModule):
@@ -269,13 +270,15 @@ class InstructDataModule(L.LightningDataModule):
 
     def _loader(self, samples, packs, train: bool) -> StatefulDataLoader:
         trainer = self.trainer
+        # the ranks of a sequence-parallel group share each micro-batch (each keeps its part of the row)
+        rank, world_size = data_parallel_rank(trainer) if trainer else (0, 1)
         sampler = PlanSampler(
             packs=packs,
             loss_counts=samples["loss_count"][:],
             batch_size=self.batch_size,
             accumulate=trainer.accumulate_grad_batches if train and trainer else 1,
-            rank=trainer.global_rank if trainer else 0,
-            world_size=trainer.world_size if trainer else 1,
+            rank=rank,
+            world_size=world_size,
             shuffle=self.shuffle and train,
             seed=self.seed,
             even=train,

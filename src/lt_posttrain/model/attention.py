@@ -147,9 +147,30 @@ def _attention_backward(ctx, grad):
 per_sample_attention.register_autograd(_attention_backward, setup_context=_save_attention_inputs)
 
 
+_sequence_parallel = None  # the attention split over a sequence-parallel group, while one is installed
+
+
+def set_sequence_parallel_attention(attention) -> None:
+    """Route :func:`varlen_attention`'s packed rows through ``attention`` (a callable with its signature that splits
+    it over the ranks of a sequence-parallel group, ``training/sequence_parallel.py``), or back to one device
+    (None). Process-wide, as the attention functions of transformers are: every varlen model of the process gets
+    rows split the same way."""
+    global _sequence_parallel
+    _sequence_parallel = attention
+
+
 def varlen_attention(module, query, key, value, attention_mask=None, dropout=0.0, scaling=None, **kwargs):
     """transformers attention function: ``query`` ``[batch, heads, tokens, dim]`` in, ``[batch, tokens, heads, dim]``
-    out; causal within each sample marked by ``cu_seq_lens_q/k``."""
+    out; causal within each sample marked by ``cu_seq_lens_q/k``. Under sequence parallelism a packed row's part
+    goes through the installed exchange (:func:`set_sequence_parallel_attention`), which calls
+    :func:`varlen_attention_local` on the whole row."""
+    if _sequence_parallel is not None and kwargs.get("cu_seq_lens_q") is not None:
+        return _sequence_parallel(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    return varlen_attention_local(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+
+
+def varlen_attention_local(module, query, key, value, attention_mask=None, dropout=0.0, scaling=None, **kwargs):
+    """:func:`varlen_attention` on this device's tensors alone."""
     if dropout and module.training:
         raise ValueError("varlen attention has no dropout: set attention_dropout to 0 or use attn_implementation sdpa")
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")

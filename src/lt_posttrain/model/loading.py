@@ -193,15 +193,17 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def import_model_code(name_or_path: str, trust_remote_code: bool = False) -> None:
+def import_model_code(name_or_path: str, trust_remote_code: bool = False):
     """Import the module of ``name_or_path``'s architecture now, before any DeepSpeed ZeRO-3 ``zero.Init``: a module
     class first defined inside one gets its original ``__init__`` back on exit, losing what decorators added (the
-    hub-kernel layers of transformers then fail in every model built later in the process)."""
+    hub-kernel layers of transformers then fail in every model built later in the process). Returns the model's
+    config."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = _load(AutoConfig, _hf_source(name_or_path), name_or_path, trust_remote_code=trust_remote_code)
     if type(config) in AutoModelForCausalLM._model_mapping:  # not a model of its own code (auto_map)
         AutoModelForCausalLM._model_mapping[type(config)]
+    return config
 
 
 def load_causal_lm(

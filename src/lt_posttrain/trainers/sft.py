@@ -75,6 +75,14 @@ from lt_posttrain.training.optimizer import (
 )
 from lt_posttrain.training.optimizer_in_backward import check_optimizer_in_backward
 from lt_posttrain.training.precision import clip_under_bf16_autocast
+from lt_posttrain.training.sequence_parallel import (
+    SequenceParallel,
+    UlyssesAttention,
+    check_heads,
+    check_sequence_parallel,
+    count_over_ranks,
+    shard_row,
+)
 from lt_posttrain.training.sharding import FrozenModel, fit_to_strategy, sharded_creation
 from lt_posttrain.training.strategy import distribution
 
@@ -129,6 +137,12 @@ class SFTModule(L.LightningModule):
             and step; needs ``data.static_shapes: true``. ``cuda_graphs``: the same, each layer's kernels captured as
             CUDA graphs (GPU). Off, with one line, under DeepSpeed and FSDP, or where torch cannot compile (see
             ``training/compile.py``).
+        sequence_parallel: N, the ranks that share every packed row (1: off): each holds 1/N of the row, and the
+            attention exchanges sequence parts for head parts between them (DeepSpeed's Ulysses over the varlen
+            attention, each sample attending to itself wherever the cuts fall); data parallelism is over the
+            world size / N groups. Needs ``data.packing``, ``attn_implementation: varlen``, N dividing the world
+            size and the attention heads (the key/value heads, or a multiple of them), and SFT's loss (see
+            ``training/sequence_parallel.py``). The losses and gradients stay those of one rank with the whole row.
     """
 
     def __init__(
@@ -151,6 +165,7 @@ class SFTModule(L.LightningModule):
         optimizer_in_backward: bool = False,
         long_context: Union[bool, LongContext] = False,
         compile: Compile = False,
+        sequence_parallel: int = 1,
     ):
         super().__init__()
         self.save_hyperparameters()  # as given: the CLI passes mappings where the signature says dataclass
@@ -168,18 +183,59 @@ class SFTModule(L.LightningModule):
         if liger:
             require_liger()
         self.optimizer_options = OptimizerOptions(optimizer, optimizer_in_backward)
+        self.sequence_parallel = sequence_parallel
+        check_sequence_parallel(sequence_parallel, None, attn_implementation, None, self._loss_is_per_token(),
+                                type(self).__name__)  # fmt: skip
         self.tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
-        import_model_code(name_or_path, trust_remote_code)  # outside ZeRO-3's zero.Init, which configure_model is in
+        config = import_model_code(name_or_path, trust_remote_code)  # outside ZeRO-3's zero.Init (configure_model's)
+        if sequence_parallel > 1:
+            check_heads(config, sequence_parallel)
         self.model = None
         self.checkpoint_offload: Optional[CheckpointOffload] = None  # with long_context.offload_checkpoints
         self.liger_kernels: list[str] = []
         self._frozen_models: list[FrozenModel] = []
+        self._sequence_parallel: Optional[SequenceParallel] = None  # this rank's place, once the ranks are up
+        self._ulysses: Optional[UlyssesAttention] = None
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.optimizer_options.in_backward:
             check_optimizer_in_backward(self.trainer)
         if compile_mode(self.hparams.compile) and stage != "predict":
             check_static_shapes(self.trainer.datamodule)
+        if self.sequence_parallel > 1 and stage != "predict":
+            self.check_sequence_parallel(self.trainer, self.trainer.datamodule)
+            if self._sequence_parallel is None:
+                self._sequence_parallel = SequenceParallel.start(self.sequence_parallel)
+
+    def check_sequence_parallel(self, trainer, datamodule=None) -> None:
+        """Refuse, in one line, what ``sequence_parallel`` cannot run with ``trainer``'s ranks and ``datamodule``'s
+        batches (the command line asks before any process starts, :meth:`setup` again)."""
+        check_sequence_parallel(self.sequence_parallel, trainer.world_size, self.hparams.attn_implementation,
+                                getattr(datamodule, "packing", None), self._loss_is_per_token(),
+                                type(self).__name__)  # fmt: skip
+
+    @classmethod
+    def _loss_is_per_token(cls) -> bool:
+        """Whether :meth:`loss` is SFT's own sum over positions, which each rank of a sequence-parallel group
+        computes over its part of the row alone."""
+        return cls.loss is SFTModule.loss
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """Under sequence parallelism, this rank's part of a packed row (:func:`shard_row`), cut before it goes to
+        the device; the attention is split over the group from the first batch on."""
+        if self._sequence_parallel is None or not isinstance(batch, dict) or "cu_seq_lens_q" not in batch:
+            return batch
+        if self._ulysses is None:
+            self._ulysses = UlyssesAttention(self.model.config, self._sequence_parallel)
+            self._ulysses.install()
+        parallel = self._sequence_parallel
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        return shard_row(batch, parallel.rank, parallel.size, pad_id)
+
+    def teardown(self, stage: str) -> None:
+        if self._ulysses is not None:
+            self._ulysses.remove(self.model)
+            self._ulysses = None
 
     # -- the model -------------------------------------------------------------------------------------------
     def build_model(self) -> torch.nn.Module:
@@ -369,11 +425,16 @@ class SFTModule(L.LightningModule):
         if "tokens_seen" in checkpoint:
             self._tokens_seen = torch.tensor(checkpoint["tokens_seen"], dtype=torch.float64)
 
+    def _count_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        """A count summed over ranks, each sequence-parallel group's counted once (its ranks hold the same)."""
+        return count_over_ranks(self._sum_over_ranks(value), self.sequence_parallel)
+
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        step_loss_count = self._sum_over_ranks(batch["step_loss_count"].clone()).clamp(min=1)
+        step_loss_count = self._count_over_ranks(batch["step_loss_count"].clone()).clamp(min=1)
         share = self.loss(batch) / step_loss_count  # this micro-batch's part of the step's token-mean loss
         self._step_stats += torch.stack([share.detach().float(), batch["num_tokens"].float()])
-        # Lightning divides by accumulate_grad_batches and data parallelism averages over ranks: undo both.
+        # Lightning divides by accumulate_grad_batches and data parallelism averages over ranks: undo both. Under
+        # sequence parallelism, the sum over a group's ranks is the sum its gradient needs (see sequence_parallel.py).
         return share * (self.trainer.accumulate_grad_batches * self.trainer.world_size)
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
@@ -404,6 +465,7 @@ class SFTModule(L.LightningModule):
 
     def _evaluation_end(self, name: str) -> None:
         loss_sum, count = self._sum_over_ranks(self._eval_stats.clone())
+        count = count_over_ranks(count, self.sequence_parallel)
         if count > 0:  # token-weighted over the whole set, not a mean of batch means
             self.log(name, (loss_sum / count).float(), prog_bar=True)
 

@@ -195,7 +195,8 @@ class InstructDataModule(L.LightningDataModule):
         packed as the streams are read (``data/streaming.py``); resumable, its state every rank's position."""
         trainer = self.trainer
         accumulate = trainer.accumulate_grad_batches
-        dataset = self.stream_micro_batches(trainer.global_rank, trainer.world_size, accumulate, trainer.max_steps)
+        rank, world_size = data_parallel_rank(trainer)  # a sequence-parallel group's ranks read the same rows
+        dataset = self.stream_micro_batches(rank, world_size, accumulate, trainer.max_steps)
         identity = {
             "data.sources": [f"{s.name_or_path} ({'streamed' if s.streaming else 'table'}, weight {s.weight})"
                              for s in self.sources],

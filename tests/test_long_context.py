@@ -189,7 +189,8 @@ def test_a_model_that_scales_its_logits_is_refused_in_one_line(tmp_path, tokeniz
     GraniteForCausalLM(config).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     module = SFTModule(str(tmp_path), long_context=True)
-    with pytest.raises(UserError, match=r"^model.long_context.tiled_loss: granite scales its logits \(logits_scaling\)"):
+    message = r"^model.long_context.tiled_loss: granite scales its logits \(logits_scaling\)"
+    with pytest.raises(UserError, match=message):
         module.configure_model()
 
 
@@ -210,7 +211,8 @@ def test_offload_without_gradient_checkpointing_support_is_refused_in_one_line(m
 
 
 def test_the_example_recipe_trains(capsys, tiny_model_dir, tmp_path):
-    """``configs/long_context.yaml`` (its model and data swapped for small ones) trains through Lightning and exports."""
+    """``configs/long_context.yaml`` (its model and data swapped for small ones) trains through Lightning, and
+    exports."""
     chats = write_jsonl(tmp_path / "chats.jsonl", gsm8k_chats(8))
     result = command_here(capsys, "fit", "--config", CONFIGS / "long_context.yaml", "--model.name_or_path",
                           tiny_model_dir, f"--data.sources=[{chats}]", "--data.max_length=512", "--trainer.max_steps=2",

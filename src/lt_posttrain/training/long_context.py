@@ -268,8 +268,8 @@ class CheckpointOffload:
     copies it to page-locked host memory (:class:`HostBuffers`) on a side stream, which waits for the forward so
     far; the device's copy is freed once the host's is made. In the backward pass, layers unpack their inputs in the
     reverse order of the forward; :meth:`unpack` hands back the tensor (already prefetched, or copied now) and starts
-    bringing back the one packed before it, so the copy overlaps this layer's recomputation and backward. On a CPU the copies are plain
-    copies, so the same bookkeeping runs (and is tested) there.
+    bringing back the one packed before it, so the copy overlaps this layer's recomputation and backward. On a CPU
+    the copies are plain copies, so the same bookkeeping runs (and is tested) there.
 
     Not ``torch.autograd.graph.save_on_cpu``: it copies on the compute stream and waits for each copy, in both
     directions, so nothing overlaps.

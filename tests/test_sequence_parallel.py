@@ -82,6 +82,26 @@ def test_two_ranks_share_every_row_and_match_one_process(one_process, tiny_model
     assert_same_run(one_process, two)
 
 
+def test_four_ranks_share_every_row_and_match_one_process(one_process, tiny_model_dir, chats, tmp_path):
+    """Four ranks a row: the model's 2 key/value heads each replicated over two ranks."""
+    four = run(tmp_path, tiny_model_dir, chats, "four", 4, 4, 2)
+    assert_samples_cross_the_parts(four["parts"], 4)
+    assert_same_run(one_process, four)
+
+
+def test_two_groups_of_two_with_the_long_context_options_match_one_process(one_process, tiny_model_dir, chats,
+                                                                           tmp_path):  # fmt: skip
+    """Sequence and data parallelism together (two groups of two ranks, one row each a step), with the tiled loss
+    and MLP (per rank, over its part) and the checkpoint offload (the exchanges recomputed in the backward pass)."""
+    options = ["--model.long_context.tiled_loss=true", "--model.long_context.tiled_mlp=true",
+               "--model.long_context.offload_checkpoints=true", "--model.long_context.loss_tile_tokens=64",
+               "--model.long_context.mlp_tile_tokens=32"]  # fmt: skip
+    groups = run(tmp_path, tiny_model_dir, chats, "groups", 4, 2, 1, *options)
+    assert_samples_cross_the_parts(groups["parts"], 2)
+    assert groups["parts"][0] != groups["parts"][2]  # the two groups trained on different rows
+    assert_same_run(one_process, groups)
+
+
 # -- in this process --------------------------------------------------------------------------------------------------
 def packed_batch(lengths: list[int]) -> dict:
     samples = []

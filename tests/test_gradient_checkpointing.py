@@ -80,6 +80,19 @@ def test_with_lora_too(tiny_model_dir, batch):
     assert any("lora_B" in name for name in runs["none"][1])
 
 
+def test_a_copy_of_the_model_checkpoints_its_own_layers(tiny_model_dir):
+    """A frozen copy (``frozen_model()``: DPO's reference) runs its own layers, not the trained model's."""
+    import copy
+
+    module = SFTModule(str(tiny_model_dir), gradient_checkpointing={"save": ["attention"]})
+    module.configure_model()
+    twin = copy.deepcopy(module.model)
+    for layer, original in zip(twin.model.layers, module.model.model.layers):
+        bound_layer, forward = layer.forward.args[:2]
+        assert bound_layer is layer and forward.__self__ is layer and layer is not original
+    assert checkpointed_layers(twin) == [0, 1]
+
+
 def assert_same_losses_and_gradients(runs: dict) -> None:
     loss, gradients, _, _ = runs["none"]
     assert any(gradient.abs().max() > 0 for gradient in gradients.values())

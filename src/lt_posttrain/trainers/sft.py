@@ -297,6 +297,8 @@ class SFTModule(L.LightningModule):
         if not reason and (self.long_context.tiled_mlp or self.long_context.offload_checkpoints):
             reason = ("not with model.long_context's tiled_mlp or offload_checkpoints (per-layer wrappers and hooks "
                       "the compiler cannot trace once for all layers)")  # fmt: skip
+        if not reason and self.sequence_parallel > 1:
+            reason = "not with model.sequence_parallel (the attention's exchange between ranks is not compiled)"
         if reason:
             rank_zero_warn(f"model.compile: the layers run uncompiled: {reason}")
             return

@@ -7,7 +7,7 @@
 set -u
 shared=$1; out=$2; shift 2
 here=$(cd "$(dirname "$0")" && pwd)
-samples=$out/samples.pt; results=$out/long_context.jsonl
+samples=${LT_BENCH_SAMPLES:-$out/samples.pt}; results=$out/long_context.jsonl  # LT_BENCH_SAMPLES: made earlier
 [ -f "$samples" ] || python "$here/long_context.py" samples --shared "$shared" --out "$samples" > "$out/samples.log" 2>&1
 search() {  # CONFIG START BUDGET_S
   timeout $(($3 + 60)) python "$here/long_context.py" search "$1" --shared "$shared" --samples "$samples" \

@@ -4,7 +4,10 @@ gradients are those of one process with whole rows, over sequence and data paral
 gloo ranks, against one process: sample boundaries fall inside the ranks' parts, so samples cross them."""
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -100,6 +103,48 @@ def test_two_groups_of_two_with_the_long_context_options_match_one_process(one_p
     assert_samples_cross_the_parts(groups["parts"], 2)
     assert groups["parts"][0] != groups["parts"][2]  # the two groups trained on different rows
     assert_same_run(one_process, groups)
+
+
+def test_zero3_and_fsdp_with_the_long_context_options_give_the_losses_of_one_process(tiny_model_dir, tokenizer,
+                                                                                     tmp_path):  # fmt: skip
+    """Two ranks a row under DeepSpeed ZeRO-3 and FSDP (set up by hand: Lightning refuses both on a CPU), with every
+    long-context option, one launch for both (``sequence_parallel_worker.py``): three steps' losses are those of one
+    process with the whole rows and no option, so the first two steps' gradients were too."""
+    pytest.importorskip("deepspeed")
+    from lt_posttrain import SFTModule
+    from lt_posttrain.data.tokenize import tokenize_conversation
+    from lt_posttrain.training.optimizer import build_optimizer
+
+    rows = [tokenize_conversation(row["messages"], tokenizer, 512)[0] for row in gsm8k_chats(3 * STEPS)]
+    batches = [collate_packed(rows[3 * index : 3 * index + 3]) for index in range(STEPS)]
+    for batch in batches:
+        batch["loss_count"] = (batch["targets"] != IGNORE_INDEX).sum()
+        bounds, half = batch["cu_seq_lens_q"].tolist(), -(-batch["input_ids"].shape[-1] // 2)
+        assert any(start < half < end for start, end in zip(bounds, bounds[1:]))  # a sample crosses the cut
+    torch.save(batches, tmp_path / "batches.pt")
+    tests = Path(__file__).parent
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(tests / "sequence_parallel_worker.py"), str(tiny_model_dir), str(tmp_path / "batches.pt"),
+               str(tmp_path)]  # fmt: skip
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    reports = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in range(2)]
+
+    module = SFTModule(str(tiny_model_dir), learning_rate=1e-3)
+    module.configure_model()
+    optimizer, losses = build_optimizer("adamw", module.model, 1e-3, 0.0), []
+    for batch in batches:
+        loss = module.loss(batch) / batch["loss_count"]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    for name in ("deepspeed_stage_3", "fsdp"):
+        assert reports[1][name] == reports[0][name], name
+        assert reports[0][name] == pytest.approx(losses, rel=1e-5), name
 
 
 # -- in this process --------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ scaling against one GPU, and peak memory per GPU while the model loads and while
 
     pip install -e '.[deepspeed]'
     python bench/scale.py [--gpus N] [--cases zero2 zero3 two-node zero3-8b] [--steps 12] [--seq 2048] [--accumulate 2]
+    python bench/scale.py --cases sequence-parallel [--gpus N] [--sp-lengths 131072 262144 ...] --work DIR
 
 Cases, each a real ``lt-posttrain fit`` (its own processes, fresh GPU memory), a Llama-3.2-1B shape unless named:
 
@@ -13,6 +14,14 @@ Cases, each a real ``lt-posttrain fit`` (its own processes, fresh GPU memory), a
 - ``zero3-8b``: a Llama-3.1-8B shape with ``deepspeed_stage_3`` on N GPUs for a few steps, then its Hugging Face
   export, gathered from the shards, loaded back on one GPU: the same tensors as the initial model, changed by
   training, and a lower loss than the initial model's on training chats.
+- ``sequence-parallel``: the longest one sample of a Llama-3.1-8B shape, full fine-tune, ``--sp-strategy``
+  (``deepspeed_stage_3_offload``: one GPU cannot hold an 8B model's fp32 master weights and AdamW states otherwise),
+  every ``model.long_context`` option on: on one GPU, and on N GPUs with ``model.sequence_parallel N`` (each GPU holds
+  1/N of the sample). Each ``--sp-lengths`` length (ascending) is a fit of ``--sp-steps`` steps of one sample of that
+  many tokens (GSM8K chats joined into one conversation, cut to the length), until one fails (the table says whether
+  it ran out of memory); tokens/s per GPU at 128K and at the longest length that trained. An 8B fit at these lengths
+  takes minutes: run one length per call where calls are capped (``--sp-lengths 131072``, then the next, with the
+  same ``--work``: results accumulate there).
 
 Every run: bf16 weights (DeepSpeed keeps fp32 master weights), bf16-mixed, gradient checkpointing, AdamW (torch),
 constant learning rate; GSM8K-train chats (``--data``) packed into rows of ``--seq`` tokens, ``--micro-batch`` rows a
@@ -42,7 +51,8 @@ SHARED = REPO.parent / "shared"
 TOKENIZER = SHARED / "assets" / "smollm2-tokenizer"
 GSM8K = SHARED / "data" / "gsm8k_train.jsonl"
 SMALL, LARGE = "llama-3.2-1b", "llama-3.1-8b"
-CASES = ["zero2", "zero3", "two-node", "zero3-8b"]
+CASES = ["zero2", "zero3", "two-node", "zero3-8b", "sequence-parallel"]
+SP_LENGTHS = [2**17, 2**18, 2**19, 2**20, 2**21, 2**22]
 
 
 class ScaleProbe(L.Callback):
@@ -82,11 +92,11 @@ def _peak_gib():
 
 
 def recipe(args, model_dir: Path, strategy: str, devices: int, num_nodes: int, steps: int, run_dir: Path,
-           export_dir: Path = None) -> dict:  # fmt: skip
-    """The recipe of one run (the CLI's keys)."""
+           export_dir: Path = None, overrides: dict = None) -> dict:  # fmt: skip
+    """The recipe of one run (the CLI's keys); ``overrides`` updates its sections key by key."""
     source = {"type": "huggingface_instruct", "name_or_path": str(args.data),
               "role_mapping": {"user": "question", "assistant": "answer"}}  # fmt: skip
-    return {
+    sections = {
         "seed_everything": 0,
         "model": {"name_or_path": str(model_dir), "dtype": "bfloat16", "learning_rate": args.learning_rate,
                   "warmup": 0, "schedule": "constant", "gradient_checkpointing": True},
@@ -103,6 +113,9 @@ def recipe(args, model_dir: Path, strategy: str, devices: int, num_nodes: int, s
                        "output_dir": str(export_dir) if export_dir else None},
         "throughput": {"warmup_steps": min(3, steps - 2)},
     }  # fmt: skip
+    for section, values in (overrides or {}).items():
+        sections[section] = {**sections[section], **values}
+    return sections
 
 
 def environment(extra: dict = None) -> dict:
@@ -141,14 +154,15 @@ def wait_all(launches: list, timeout: int) -> list:
 
 
 def run_fit(args, name: str, model_dir: Path, strategy: str, gpus: int, nodes: int = 1, steps: int = None,
-            export_dir: Path = None) -> dict:  # fmt: skip
-    """One fit on ``gpus`` GPUs in all (over ``nodes`` torchrun nodes when more than one); its result as a dict."""
+            export_dir: Path = None, overrides: dict = None) -> dict:  # fmt: skip
+    """One fit on ``gpus`` GPUs in all (over ``nodes`` torchrun nodes when more than one); its result as a dict
+    (``overrides``: see :func:`recipe`)."""
     steps = steps or args.steps
     run_dir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=args.work))
     probe_dir = run_dir / "probe"
     recipe_file = run_dir / "recipe.yaml"
     recipe_file.write_text(yaml.safe_dump(recipe(args, model_dir, strategy, gpus // nodes, nodes, steps, run_dir,
-                                                 export_dir)))  # fmt: skip
+                                                 export_dir, overrides)))  # fmt: skip
     started = time.perf_counter()
     if nodes == 1:
         env = environment({"CUDA_VISIBLE_DEVICES": ",".join(map(str, range(gpus)))})
@@ -171,8 +185,10 @@ def run_fit(args, name: str, model_dir: Path, strategy: str, gpus: int, nodes: i
     result = {"case": name, "strategy": strategy, "gpus": gpus, "nodes": nodes, "steps": steps,
               "wall_s": round(wall, 1), "run_dir": str(run_dir)}  # fmt: skip
     if any(codes):
-        tail = (run_dir / "node-0.log").read_text().strip().splitlines()[-20:]
-        return {**result, "error": f"exit status {codes}", "log_tail": tail}
+        log = (run_dir / "node-0.log").read_text()
+        tail = log.strip().splitlines()[-20:]
+        return {**result, "error": f"exit status {codes}", "log_tail": tail, "out_of_memory": "out of memory" in log
+                or "OutOfMemoryError" in log}  # fmt: skip
     reports = [json.loads(path.read_text()) for path in sorted(probe_dir.glob("rank-*.json"))]
     summary = next((report["throughput"] for report in reports if "throughput" in report), None)
     if summary is None or len(reports) != gpus:
@@ -240,7 +256,50 @@ def random_model(args, shape: str) -> Path:
     return folder
 
 
+def long_chats(args, tokens: int, count: int) -> Path:
+    """``count`` conversations of GSM8K chats joined turn after turn (the rows taken in turn, again from the start
+    when they run out), each of more than ``tokens`` tokens (a chat is about 250 tokens of 2.7 characters), as a
+    ``messages`` JSON-lines file in ``--work``; a fit with ``data.max_length`` = ``tokens`` cuts each to one sample
+    of exactly that length."""
+    path = Path(args.work) / f"long-chats-{tokens}-{count}.jsonl"
+    if path.exists():
+        return path
+    rows = [json.loads(line) for line in open(args.data)]
+    turns, at = tokens // 150 + 1, 0
+    with open(path, "w") as file:
+        for _ in range(count):
+            messages = []
+            for _ in range(turns):
+                row, at = rows[at % len(rows)], at + 1
+                messages += [{"role": "user", "content": row["question"]},
+                             {"role": "assistant", "content": row["answer"]}]  # fmt: skip
+            file.write(json.dumps({"messages": messages}) + "\n")
+    return path
+
+
+def sequence_parallel_runs(args) -> list[dict]:
+    """The ``sequence-parallel`` case: for one GPU and for ``--gpus``, each length of ``--sp-lengths`` until one
+    fails."""
+    large, results = random_model(args, LARGE), []
+    for gpus in sorted({1, args.gpus}):
+        for length in sorted(args.sp_lengths):
+            chats = long_chats(args, length, args.sp_steps + 1)
+            overrides = {
+                "model": {"sequence_parallel": gpus, "long_context": True},
+                "data": {"sources": [str(chats)], "max_length": length, "batch_size": 1, "num_workers": 0},
+                "trainer": {"accumulate_grad_batches": 1},
+            }  # fmt: skip
+            result = run_fit(args, f"sp-{gpus}-{length}", large, args.sp_strategy, gpus, steps=args.sp_steps,
+                             overrides=overrides)  # fmt: skip
+            results.append({**result, "sequence_parallel": gpus, "sample_tokens": length})
+            if "error" in result:
+                break
+    return results
+
+
 def run_case(args, case: str) -> list[dict]:
+    if case == "sequence-parallel":
+        return sequence_parallel_runs(args)
     small = random_model(args, SMALL) if case != "zero3-8b" else None
     if case in ("zero2", "zero3"):
         strategy = f"deepspeed_stage_{case[-1]}"
@@ -289,6 +348,28 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def sequence_parallel_markdown(results: list[dict]) -> str:
+    """Per GPU count: the longest sample that trained, tokens/s per GPU at 128K and at that length, peak memory."""
+    rows = ["| GPUs (sequence_parallel) | strategy | longest sample trained | first length that failed | tokens/s per "
+            "GPU at 128K | tokens/s per GPU at the longest | peak GiB per GPU at the longest |",
+            "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for gpus in sorted({r["gpus"] for r in results}):
+        mine = sorted((r for r in results if r["gpus"] == gpus), key=lambda r: r["sample_tokens"])
+        trained = [r for r in mine if "error" not in r]
+        failed = [r for r in mine if "error" in r]
+        longest = trained[-1] if trained else None
+        at_128k = next((r for r in trained if r["sample_tokens"] == 2**17), None)
+        failure = (f"{failed[0]['sample_tokens']:,} ({'out of memory' if failed[0].get('out_of_memory') else 'error'})"
+                   if failed else "none (every length tried trained)")  # fmt: skip
+        longest_tokens = f"{longest['sample_tokens']:,}" if longest else "none"
+        rows.append(
+            f"| {gpus} ({mine[0]['sequence_parallel']}) | {mine[0]['strategy']} | {longest_tokens} | {failure} | "
+            f"{at_128k['tokens_per_s_per_gpu'] if at_128k else ''} | "
+            f"{longest['tokens_per_s_per_gpu'] if longest else ''} | {longest['train_peak_gib'] if longest else ''} |"
+        )
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gpus", type=int, default=None, help="GPUs of the multi-GPU runs (default: all)")
@@ -304,6 +385,10 @@ def main() -> None:
     parser.add_argument("--work", default=None, help="random models and runs (default: a temporary folder)")
     parser.add_argument("--results", type=Path, default=None, help="JSON lines to append to (default: in --work)")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per run")
+    parser.add_argument("--sp-lengths", type=int, nargs="+", default=SP_LENGTHS,
+                        help="sample lengths of the sequence-parallel case, tried in ascending order")
+    parser.add_argument("--sp-steps", type=int, default=3, help="steps of each sequence-parallel run")
+    parser.add_argument("--sp-strategy", default="deepspeed_stage_3_offload", help="strategy of the 8B runs")
     parser.set_defaults(accelerator="gpu")
     args = parser.parse_args()
 
@@ -333,7 +418,14 @@ def main() -> None:
     device = next((r["device"] for r in newest.values() if "device" in r), "GPU")
     print(f"\n{device}; {SMALL} shape unless named; {args.accumulate} x {args.micro_batch} x {args.seq} tokens per GPU "
           "and optimizer step\n")
-    print(markdown(list(newest.values())))
+    plain = [r for r in newest.values() if not r["case"].startswith("sp-")]
+    if plain:
+        print(markdown(plain))
+    parallel = [r for r in newest.values() if r["case"].startswith("sp-")]
+    if parallel:
+        print(f"\nOne sample of the {LARGE} shape, full fine-tune, every long-context option, {args.sp_steps} steps a "
+              "length\n")
+        print(sequence_parallel_markdown(parallel))
 
 
 if __name__ == "__main__":

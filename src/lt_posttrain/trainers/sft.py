@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lt_posttrain.batch import PACKED_KEYS, Batch
+from lt_posttrain.batch import PACKED_KEYS, Batch, is_packed
 from lt_posttrain.model.attention import VARLEN
 from lt_posttrain.errors import UserError
 from lt_posttrain.model.kernels import (
@@ -223,7 +223,7 @@ class SFTModule(L.LightningModule):
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         """Under sequence parallelism, this rank's part of a packed row (:func:`shard_row`), cut before it goes to
         the device; the attention is split over the group from the first batch on."""
-        if self._sequence_parallel is None or not isinstance(batch, dict) or "cu_seq_lens_q" not in batch:
+        if self._sequence_parallel is None or not isinstance(batch, dict) or not is_packed(batch):
             return batch
         if self._ulysses is None:
             self._ulysses = UlyssesAttention(self.model.config, self._sequence_parallel)

@@ -264,6 +264,18 @@ class InstructDataModule(L.LightningDataModule):
             how = "repeated" if drawn > available else "subsampled" if drawn < available else "all"
             rank_zero_info(f"data mix: {drawn} samples from {name!r} ({available} available, {how})")
 
+    def longest_micro_batch_tokens(self) -> Optional[int]:
+        """Tokens of the longest training micro-batch the data plan can make, padding included (after
+        ``setup("fit")``): packed, the ``batch_size`` fullest packs in one row; padded, ``batch_size`` rows as wide as
+        the longest sample. None before ``setup`` and with a streamed source, whose samples are not known before
+        training."""
+        if self.streams or self.train_samples is None:
+            return None
+        lengths = self.train_samples["length"][:]
+        if not self.packing:
+            return self.batch_size * max(lengths, default=0)
+        return static_shape(lengths, self.train_packs, self.batch_size, packing=True).tokens
+
     def _packs(self, samples) -> list[list[int]]:
         if not self.packing:
             return [[index] for index in range(len(samples))]

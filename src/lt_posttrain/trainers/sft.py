@@ -64,6 +64,7 @@ from lt_posttrain.training.losses import (
     tiled_cross_entropy_sum,
     token_cross_entropy_sum,
 )
+from lt_posttrain.training.memory import ModelShape, check_step, device_memory, host_available, setup_of
 from lt_posttrain.training.optimizer import (
     OptimizerName,
     OptimizerOptions,
@@ -268,6 +269,7 @@ class SFTModule(L.LightningModule):
             if is_quantized(model):
                 model = prepare_quantized_for_training(model)
             checkpointed = apply_gradient_checkpointing(model, checkpointing) if checkpointing else []
+            self._checkpointing_applied = checkpointing if checkpointed else None
             if self.lora is not None:
                 model = apply_lora(model, self.lora)
         if self.long_context.tiled_mlp:
@@ -407,6 +409,58 @@ class SFTModule(L.LightningModule):
     def on_fit_start(self) -> None:
         # The optimizer and schedule as the recipe built them; a checkpoint's states replace them after this hook.
         self._recipe_values = recipe_values(self.trainer)
+        if self.long_context.check_memory:
+            self.check_step_memory()
+
+    def check_step_memory(self) -> None:
+        """Before the first step on a CUDA device: refuse, in one line, a data plan whose longest micro-batch cannot
+        fit (``training/memory.py``); log the estimate, or warn when it is close. The model and optimizer exist and
+        are placed; the data module knows its longest micro-batch (not a streamed one's)."""
+        trainer = self.trainer
+        measured = device_memory(trainer.strategy.root_device)
+        shape = ModelShape.of(self.model.config) if self.model is not None and measured else None
+        longest = getattr(trainer.datamodule, "longest_micro_batch_tokens", lambda: None)() if shape else None
+        if not longest:
+            return
+        in_use, available = measured
+        host = host_available()
+        if trainer.world_size > 1:  # every rank decides alike: on the device and host with the least
+            least = torch.tensor([available, host or 0], device=self.device)
+            gathered = trainer.strategy.all_gather(least).reshape(-1, 2).min(dim=0).values.tolist()
+            available, host = int(gathered[0]), (int(gathered[1]) or None)
+        tokens = -(-longest // self.sequence_parallel)
+        setup = setup_of(self.model, in_use, trainer.precision, **self._step_options(trainer.optimizers))
+        memory, warning = check_step(shape, tokens, setup, available, host, str(trainer.strategy.root_device),
+                                     trainer.num_devices)  # fmt: skip
+        if warning:
+            rank_zero_warn(warning)
+        else:
+            rank_zero_info(f"memory: a step of the longest micro-batch ({tokens:,} tokens) needs about "
+                           f"{memory.device / 2**30:.1f} GiB of {trainer.strategy.root_device}'s "
+                           f"{available / 2**30:.1f} (an estimate)")
+
+    def _step_options(self, optimizers) -> dict:
+        """How a step of this module runs, for :class:`~lt_posttrain.training.memory.StepSetup`."""
+        long_context, strategy = self.long_context, self.trainer.strategy
+        placed = distribution(strategy)
+        own = placed.keeps_master_weights or placed.shards_weights  # DeepSpeed's and FSDP's buffers: measured only
+        if not self._loss_is_per_token():
+            loss = "unknown"
+        else:
+            loss = "tiled" if long_context.tiled_loss else "fused" if FUSED_LOSS in self.liger_kernels else "logits"
+        config = self.model.config.get_text_config()
+        # states not to count: the strategy's, already there, or those of an optimizer a subclass builds its own way
+        states_known = not own and not any(getattr(optimizer, "state", None) for optimizer in optimizers)
+        states_known = states_known and type(self).build_optimizer is SFTModule.build_optimizer
+        return dict(
+            optimizer=self.optimizer_options.resolved(self.model, strategy) if states_known else None,
+            gradients=not (own or self.optimizer_options.in_backward),
+            checkpointing=getattr(self, "_checkpointing_applied", self.checkpointing),
+            offload=long_context.offload_checkpoints, loss=loss,
+            loss_tile_bytes=long_context.loss_tile_bytes(config.vocab_size),
+            mlp_tile_tokens=(long_context.mlp_tile_tokens or config.hidden_size) if long_context.tiled_mlp else None,
+            liger=frozenset(self.liger_kernels),
+        )  # fmt: skip
 
     def on_train_start(self) -> None:  # not on_train_epoch_start: Lightning skips it when resuming mid-epoch
         if self.trainer.ckpt_path and getattr(self, "_recipe_values", None) is not None:

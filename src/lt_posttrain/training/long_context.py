@@ -44,6 +44,9 @@ class LongContext:
             128k vocabulary).
         mlp_tile_tokens: tokens per MLP tile; default: the model's hidden size (DeepSpeed's and Liger's choice, so a
             tile's intermediate activations weigh about as much as one of the MLP's weights).
+        check_memory: before the first step on a CUDA device, estimate the memory a step of the longest micro-batch
+            needs and refuse, in one line, one that cannot fit (``training/memory.py``); on whether or not the other
+            options are, and not turned on by ``long_context: true``'s shorthand (it is on already).
     """
 
     tiled_loss: bool = False
@@ -51,6 +54,7 @@ class LongContext:
     offload_checkpoints: bool = False
     loss_tile_tokens: Optional[int] = None
     mlp_tile_tokens: Optional[int] = None
+    check_memory: bool = True
 
     def __post_init__(self):
         for key in ("loss_tile_tokens", "mlp_tile_tokens"):

@@ -18,7 +18,7 @@ from cli_runs import failing_here, fit, logged_losses
 from conftest import gsm8k_chats, write_jsonl
 from lt_posttrain import IGNORE_INDEX, UserError
 from lt_posttrain.data.collate import collate_packed
-from lt_posttrain.training.sequence_parallel import check_heads, check_sequence_parallel, shard_row
+from lt_posttrain.training.sequence_parallel import check_heads, check_row_part, check_sequence_parallel, shard_row
 from test_cli import assert_one_line_error
 from test_loss_normalisation import assert_same_grads
 
@@ -85,6 +85,7 @@ def test_two_ranks_share_every_row_and_match_one_process(one_process, tiny_model
     assert_same_run(one_process, two)
 
 
+@pytest.mark.slow
 def test_four_ranks_share_every_row_and_match_one_process(one_process, tiny_model_dir, chats, tmp_path):
     """Four ranks a row: the model's 2 key/value heads each replicated over two ranks."""
     four = run(tmp_path, tiny_model_dir, chats, "four", 4, 4, 2)
@@ -92,6 +93,7 @@ def test_four_ranks_share_every_row_and_match_one_process(one_process, tiny_mode
     assert_same_run(one_process, four)
 
 
+@pytest.mark.slow
 def test_two_groups_of_two_with_the_long_context_options_match_one_process(one_process, tiny_model_dir, chats,
                                                                            tmp_path):  # fmt: skip
     """Sequence and data parallelism together (two groups of two ranks, one row each a step), with the tiled loss
@@ -172,6 +174,13 @@ def test_a_row_is_padded_to_the_ranks_and_cut_into_their_parts(size):
         assert part["num_samples"] == 3
         assert part["max_length_q"] == part["max_length_k"] == 7
     assert sum(int(part["num_tokens"]) for part in parts) == 15
+
+
+def test_a_whole_row_is_not_taken_for_a_part():
+    batch = packed_batch([5, 7, 4])
+    check_row_part(shard_row(batch, 1, 2, pad_id=0), 2)
+    with pytest.raises(UserError, match="not cut into the ranks' parts"):
+        check_row_part(batch, 2)
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,7 @@ from lt_posttrain.data.streaming import MixedSamples, StreamedMicroBatches, Stre
 from lt_posttrain.data.streaming import TableSamples
 from lt_posttrain.data.streams import check_streamable, open_stream
 from lt_posttrain.errors import UserError
-from lt_posttrain.training.sequence_parallel import data_parallel_rank
+from lt_posttrain.training.sequence_parallel import data_parallel_rank, row_part
 
 
 class InstructDataModule(L.LightningDataModule):
@@ -208,7 +208,7 @@ class InstructDataModule(L.LightningDataModule):
         # A worker sends its position (the packing buffer included) once a step, at the step boundaries where
         # checkpoints are taken, not with every micro-batch.
         return StreamLoader(dataset, identity, num_workers=self.num_workers, pin_memory=pin,
-                            snapshot_every_n_steps=accumulate)  # fmt: skip
+                            snapshot_every_n_steps=accumulate, collate_fn=self._batch_transform())  # fmt: skip
 
     def stream_micro_batches(self, rank: int = 0, world_size: int = 1, accumulate: int = 1,
                              steps: int = 1) -> StreamedMicroBatches:  # fmt: skip
@@ -303,8 +303,17 @@ class InstructDataModule(L.LightningDataModule):
         pin = trainer is not None and trainer.strategy.root_device.type == "cuda"
         return StatefulDataLoader(
             self.batch_dataset(samples), sampler=sampler, batch_size=None, num_workers=self.num_workers,
-            generator=generator, pin_memory=pin, collate_fn=self._static_padding(samples, packs),
+            generator=generator, pin_memory=pin, collate_fn=self._batch_transform(samples, packs),
         )  # fmt: skip
+
+    def _batch_transform(self, samples=None, packs=None) -> Optional[partial]:
+        """What a loader does to each micro-batch it makes: the padding of ``static_shapes`` (for a loader over
+        ``samples`` and ``packs``), then under sequence parallelism the cut to this rank's part of the row (each
+        rank of a group gets the same micro-batch); None when neither applies."""
+        steps = [self._static_padding(samples, packs) if samples is not None else None,
+                 row_part(self.trainer, self.tokenizer.pad_token_id)]  # fmt: skip
+        steps = tuple(step for step in steps if step is not None)
+        return partial(_in_turn, steps=steps) if len(steps) > 1 else (steps[0] if steps else None)
 
     def _static_padding(self, samples, packs) -> Optional[partial]:
         """With ``static_shapes``, what pads each batch of a loader over ``samples`` and ``packs`` to their one
@@ -339,6 +348,12 @@ class InstructDataModule(L.LightningDataModule):
                     prompts.append(prompt_of(messages, self.tokenizer, render=render, tools=tools))
         collate = partial(collate_prompts, pad_id=self.tokenizer.pad_token_id)
         return DataLoader(prompts, batch_size=self.batch_size, collate_fn=collate, num_workers=self.num_workers)
+
+
+def _in_turn(batch, steps: tuple):
+    for step in steps:
+        batch = step(batch)
+    return batch
 
 
 def _read_template(chat_template: Optional[str]) -> Optional[str]:

@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lt_posttrain.batch import PACKED_KEYS, Batch, is_packed
+from lt_posttrain.batch import PACKED_KEYS, Batch
 from lt_posttrain.model.attention import VARLEN
 from lt_posttrain.errors import UserError
 from lt_posttrain.model.kernels import (
@@ -80,9 +80,9 @@ from lt_posttrain.training.sequence_parallel import (
     SequenceParallel,
     UlyssesAttention,
     check_heads,
+    check_row_part,
     check_sequence_parallel,
     count_over_ranks,
-    shard_row,
 )
 from lt_posttrain.training.sharding import FrozenModel, fit_to_strategy, sharded_creation
 from lt_posttrain.training.strategy import distribution
@@ -221,17 +221,14 @@ class SFTModule(L.LightningModule):
         computes over its part of the row alone."""
         return cls.loss is SFTModule.loss
 
-    def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        """Under sequence parallelism, this rank's part of a packed row (:func:`shard_row`), cut before it goes to
-        the device; the attention is split over the group from the first batch on."""
-        if self._sequence_parallel is None or not isinstance(batch, dict) or not is_packed(batch):
-            return batch
-        if self._ulysses is None:
-            self._ulysses = UlyssesAttention(self.model.config, self._sequence_parallel)
-            self._ulysses.install()
-        parallel = self._sequence_parallel
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        return shard_row(batch, parallel.rank, parallel.size, pad_id)
+    def _split_attention(self, batch: Batch) -> None:
+        """Under sequence parallelism, from the first batch on: the attention split over the group (the data module's
+        loaders cut each row into the ranks' parts, ``row_part``; the first batch is checked to be one)."""
+        if self._sequence_parallel is None or self._ulysses is not None:
+            return
+        check_row_part(batch, self._sequence_parallel.size)
+        self._ulysses = UlyssesAttention(self.model.config, self._sequence_parallel)
+        self._ulysses.install()
 
     def teardown(self, stage: str) -> None:
         if self._ulysses is not None:
@@ -486,6 +483,7 @@ class SFTModule(L.LightningModule):
         return count_over_ranks(self._sum_over_ranks(value), self.sequence_parallel)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        self._split_attention(batch)
         step_loss_count = self._count_over_ranks(batch["step_loss_count"].clone()).clamp(min=1)
         share = self.loss(batch) / step_loss_count  # this micro-batch's part of the step's token-mean loss
         self._step_stats += torch.stack([share.detach().float(), batch["num_tokens"].float()])
@@ -517,6 +515,7 @@ class SFTModule(L.LightningModule):
         self._eval_stats = torch.zeros(2, device=self.device, dtype=torch.float64)  # [loss sum, loss tokens]
 
     def _evaluation_step(self, batch: Batch) -> None:
+        self._split_attention(batch)
         self._eval_stats += torch.stack([self.loss(batch).detach().double(), batch["loss_count"].double()])
 
     def _evaluation_end(self, name: str) -> None:

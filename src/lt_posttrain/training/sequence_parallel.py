@@ -5,7 +5,8 @@ The ranks form groups of N consecutive ranks (DeepSpeed's and Megatron's layout)
 sequence-parallel group ``g``, which is data-parallel rank ``g`` of ``world_size / N``.
 
 - The data: the data plan is dealt to the data-parallel ranks (:func:`data_parallel_rank`), so the N ranks of a group
-  get the same micro-batch, and each keeps its 1/N of the packed row (:func:`shard_row`). The row is padded to a
+  get the same micro-batch, and each rank's loaders keep its 1/N of the packed row (:func:`row_part`, on the host,
+  in the loader's workers; the trainer checks the first batch is a part, :func:`check_row_part`). The row is padded to a
   multiple of N with a padding sample. Targets are shifted inside each sample before the row is cut, so a shard's
   last position predicts the next shard's first token; position ids (the position within each sample, which rotary
   embeddings read) are cut with the tokens; the sample boundaries ``cu_seq_lens_q/k`` and ``max_length_q/k`` stay
@@ -41,7 +42,8 @@ the group in every layer (for flash-attention's detection of packed rows; a ``[1
 
 import importlib.util
 from dataclasses import dataclass
-from typing import Any, Optional
+from functools import partial
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -63,6 +65,26 @@ def data_parallel_rank(trainer: Any) -> tuple[int, int]:
     size of its LightningModule (the ranks of a group share a micro-batch)."""
     size = sequence_parallel_of(trainer.lightning_module)
     return trainer.global_rank // size, trainer.world_size // size
+
+
+def row_part(trainer: Any, pad_id: int) -> Optional[Callable]:
+    """What cuts each packed micro-batch of a loader to this rank's part (:func:`shard_row`, picklable for loader
+    workers), or None without sequence parallelism."""
+    size = sequence_parallel_of(getattr(trainer, "lightning_module", None))
+    if size == 1:
+        return None
+    return partial(shard_row, rank=trainer.global_rank % size, size=size, pad_id=pad_id)
+
+
+def check_row_part(batch: Batch, size: int) -> None:
+    """Refuse, in one line, a micro-batch that is not a rank's part of a row (a data module that does not cut its rows
+    with :func:`row_part`): the attention would take it for a part and join N whole rows."""
+    if not is_packed(batch):
+        raise UserError(f"model.sequence_parallel {size} splits packed rows; set data.packing true")
+    if int(batch["cu_seq_lens_q"][-1]) != batch["input_ids"].shape[-1] * size:
+        raise UserError(f"model.sequence_parallel {size}: the data module's packed rows are not cut into the ranks' "
+                        "parts (InstructDataModule's loaders cut them); use a data module derived from it, or "
+                        "model.sequence_parallel 1")
 
 
 def count_over_ranks(total: torch.Tensor, size: int) -> torch.Tensor:

@@ -18,7 +18,9 @@ last length that fitted and the first that did not until they are within ``--pre
 seconds are spent. Every step is a real ``fit`` of one step through Lightning (the module's own loss, checkpointing,
 long-context options and optimizer); the memory allocator is reset between steps (a step that ran out of memory is
 followed by ``gc`` and ``empty_cache``). It records, per step: N, whether it fitted, the step's time, peak GPU memory
-(``max_memory_allocated``) and peak host memory (resident set, sampled every 20 ms, pinned buffers included).
+(``max_memory_allocated``) and peak host memory (resident set, sampled every 20 ms, pinned buffers included), and
+beside them the memory ``training/memory.py`` estimates before the step (``estimate_gib``, ``estimate_host_gib``), the
+estimate by which a run refuses a length that cannot fit.
 
 ``speed`` trains ``--steps`` steps of one sample of ``--tokens`` tokens and of a packed row of the same length,
 reporting tokens/s and model TFLOP/s (the throughput meter's convention: 6 FLOPs per trained and 4 per frozen weight
@@ -198,7 +200,28 @@ def _rss() -> int:
         return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
 
 
-def fit_steps(module, batches: list[dict], work: Path) -> dict:
+def estimate_at_start(tokens: int, into: dict):
+    """A callback that puts into ``into`` the memory a step of ``tokens`` tokens needs (``estimate_gib``, and
+    ``estimate_host_gib`` offloaded), estimated before the first step as the module's own check estimates it
+    (``training/memory.py``; the check itself needs a data module, which these fits do not have); nothing off CUDA."""
+    import lightning as L
+
+    from lt_posttrain.training.memory import ModelShape, device_memory, estimate_step, setup_of
+
+    class EstimateAtStart(L.Callback):
+        def on_fit_start(self, trainer, module):
+            measured = device_memory(trainer.strategy.root_device)
+            if measured:
+                options = module._step_options(trainer.optimizers)
+                memory = estimate_step(ModelShape.of(module.model.config), tokens,
+                                       setup_of(module.model, measured[0], trainer.precision, **options))  # fmt: skip
+                into.update(estimate_gib=round(memory.device / 2**30, 2),
+                            estimate_host_gib=round(memory.host / 2**30, 2))
+
+    return EstimateAtStart()
+
+
+def fit_steps(module, batches: list[dict], work: Path, callbacks: tuple = ()) -> dict:
     """A Lightning fit of ``len(batches)`` optimizer steps; the last step's time and the peaks."""
     import lightning as L
 
@@ -218,7 +241,7 @@ def fit_steps(module, batches: list[dict], work: Path) -> dict:
     gpu = torch.cuda.is_available()  # on a CPU: a smoke test of this script
     trainer = L.Trainer(accelerator="gpu" if gpu else "cpu", devices=1, precision="bf16-true", max_steps=len(batches), logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        gradient_clip_val=1.0 if gpu else None, default_root_dir=str(work), callbacks=[clock])  # fmt: skip
+                        gradient_clip_val=1.0 if gpu else None, default_root_dir=str(work), callbacks=[clock, *callbacks])  # fmt: skip
     loader = torch.utils.data.DataLoader(batches, batch_size=None, collate_fn=lambda batch: batch)
     if gpu:
         torch.cuda.reset_peak_memory_stats()
@@ -260,15 +283,17 @@ def try_length(module, samples, tokens: int, work: Path) -> dict:
         if need > 0.92 * host_available():
             return {"fits": False, "tokens": tokens, "error": f"host memory: checkpoints need {need / 2**30:.0f} GiB, "
                     f"{host_available() / 2**30:.0f} GiB available"}  # fmt: skip
+    estimated: dict = {}
     try:
-        result = fit_steps(module, [micro_batch(packed_row(samples, tokens))], work)
+        result = fit_steps(module, [micro_batch(packed_row(samples, tokens))], work,
+                           [estimate_at_start(tokens, estimated)])  # fmt: skip
         result["fits"] = True
     except (torch.OutOfMemoryError, RuntimeError) as error:
         if not out_of_memory(error):
             raise
         result = {"fits": False, "error": str(error).splitlines()[0][:160]}
     free_memory(module)
-    result["tokens"] = tokens
+    result.update(estimated, tokens=tokens)
     return result
 
 
@@ -318,6 +343,7 @@ def search(args) -> None:
                "first_failing": fails, "trials": len(trials), "seconds": round(time.perf_counter() - started),
                "peak_gib": max((t.get("peak_gib", 0) for t in trials if t["fits"]), default=None),
                "host_peak_gib": max((t.get("host_peak_gib", 0) for t in trials if t["fits"]), default=None),
+               "estimate_gib": next((t.get("estimate_gib") for t in trials if t["tokens"] == fits), None),
                "resident_gib": trials[-1]["resident_gib"] if trials else None,
                "bisected_to": None if not (fails and fits) else round(fails / fits - 1, 3)}  # fmt: skip
     print("LONGEST " + json.dumps(summary), flush=True)
@@ -364,8 +390,8 @@ def speed(args) -> None:
 
 def table(path: str, host_gib: float, gpu_gib: float) -> str:
     results = [json.loads(line) for line in open(path) if line.strip()]
-    rows = ["| configuration | longest N (tokens) | first failing | peak GPU GiB | peak host GiB | "
-            "fraction of floor | trials |", "|---|---|---|---|---|---|---|"]
+    rows = ["| configuration | longest N (tokens) | first failing | peak GPU GiB | estimated GiB | peak host GiB | "
+            "fraction of floor | trials |", "|---|---|---|---|---|---|---|---|"]
     for r in (r for r in results if r.get("kind") == "longest"):
         config = SHAPES[r["shape"]]
         per_token = config["num_hidden_layers"] * config["hidden_size"] * 2
@@ -373,7 +399,7 @@ def table(path: str, host_gib: float, gpu_gib: float) -> str:
         offloads = (r["options"].get("long_context") or {}).get("offload_checkpoints")
         floor = (gpu_left + (host_gib * 2**30 if offloads else 0)) / per_token
         rows.append(f"| {r['config']} | {r['longest']:,} | {r['first_failing'] or '-'} | {r['peak_gib']} | "
-                    f"{r['host_peak_gib']} | {r['longest'] / floor:.0%} of {floor:,.0f} | {r['trials']} |")
+                    f"{r.get('estimate_gib', '-')} | {r['host_peak_gib']} | {r['longest'] / floor:.0%} of {floor:,.0f} | {r['trials']} |")
     speeds = [r for r in results if r.get("kind") == "speed"]
     if speeds:
         rows += ["", "| configuration | layout | tokens | step s | tokens/s | model TFLOP/s | MFU (of 800) | peak GPU GiB "

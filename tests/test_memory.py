@@ -246,3 +246,35 @@ def test_the_setup_of_a_model_as_placed(tiny_model_dir):
     assert (setup.compute_bytes, setup.trainable_bytes) == (4, 4)
     assert setup.trainable == sum(p.numel() for p in adapted.parameters() if p.requires_grad)
     assert setup.lora_dropout == (4 * 64, 64 + 64 + 128)  # q, k, v, o take 64 each; gate, up 64, down 128
+
+
+def test_a_cpu_s_memory_is_not_judged():
+    import torch
+
+    from lt_posttrain.training.memory import device_memory
+
+    assert device_memory(torch.device("cpu")) is None
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_device_s_memory_is_read_and_an_overlong_plan_refused(capsys, tiny_model_dir, tmp_path):
+    """One text of about 300,000 tokens: its float32 logits alone (12 bytes each, a 49,152-token vocabulary) weigh
+    about 165 GiB, more than any one GPU has; with the tiled loss a step needs a fraction of a GiB."""
+    import torch
+
+    from lt_posttrain.training.memory import device_memory
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    in_use, available = device_memory(torch.device("cuda", 0))
+    free, total = torch.cuda.mem_get_info(0)
+    assert 0 <= in_use and free <= available <= total
+    sentence = "The cat sat on the mat, and the dog lay by the door. "
+    text = write_jsonl(tmp_path / "long.jsonl", [{"text": sentence * 23_000}])
+    args = ["fit", "--model.name_or_path", tiny_model_dir, f"--data.sources=[{{name_or_path: {text}, type: text}}]",
+            "--data.max_length=400000", "--data.batch_size=1", "--trainer.accelerator=gpu", "--trainer.devices=1",
+            "--trainer.max_steps=1", "--trainer.logger=false", "--trainer.enable_checkpointing=false",
+            "--checkpoint.save_end_of_training=false", f"--trainer.default_root_dir={tmp_path / 'run'}"]  # fmt: skip
+    result = failing_here(capsys, *args)
+    assert_one_line_error(result, "the longest micro-batch (", "GiB of GPU memory a step", "and cuda:0 has ",
+                          "turn on model.long_context.tiled_loss (-")  # fmt: skip

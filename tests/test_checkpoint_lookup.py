@@ -23,9 +23,10 @@ def write_checkpoint(path: Path, kind: str, step: int, complete: bool = True, hp
     writes it (``checkpoint/`` with rank 0's model states, which hold Lightning's checkpoint less the weights and
     optimizer, and the optimizer shards; ``latest`` last, so without it the folder is half-written), or as its FSDP
     strategy writes a sharded state dict (the shards, then ``meta.pt``)."""
-    state = {"pytorch-lightning_version": L.__version__, "global_step": step, "hyper_parameters": hparams or {}}
+    state = {"pytorch-lightning_version": L.__version__, "global_step": step, "hyper_parameters": hparams or {},
+             "loops": {"fit_loop": {}}}  # fmt: skip
     if kind == "file":
-        torch.save(state, path)
+        torch.save({**state, "state_dict": {}, "optimizer_states": [], "lr_schedulers": []}, path)
         return path
     if kind == "fsdp_sharded":
         path.mkdir()

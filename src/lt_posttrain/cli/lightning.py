@@ -2,11 +2,13 @@
 
 import contextlib
 import io
+import re
 import shlex
 import sys
 from pathlib import Path
 from typing import Optional
 
+import yaml
 from lightning.pytorch.callbacks import LambdaCallback, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
@@ -29,6 +31,7 @@ from lt_posttrain.cli.parse_errors import ConfigError, config_files, explain_par
 from lt_posttrain.data.datamodule import InstructDataModule
 from lt_posttrain.errors import UserError
 from lt_posttrain.plugins.short_names import expand_short_names
+from lt_posttrain.ranges import check_ranges
 from lt_posttrain.trainers.sft import SFTModule
 from lt_posttrain.training.checkpoint_io import (
     CHECKPOINT_READ_ERRORS,
@@ -96,6 +99,8 @@ class PostTrainCLI(LightningCLI):
             command = f"{parser.prog} {argv[0]}" if argv[:1] and argv[0] in _subcommand_parsers(parser) else parser.prog
             raise ConfigError(explain_parser_error(message, _option_names(parser), config_files(args), command)) from None
         sys.stderr.write(printed.getvalue())
+        subcommand = self.config.get("subcommand")
+        check_ranges(self.config[subcommand] if subcommand else self.config)  # before a checkpoint or model is read
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(NonFiniteLossGuard, "nonfinite_loss")  # first: it may stop an export
@@ -117,7 +122,7 @@ class PostTrainCLI(LightningCLI):
         if read is None:
             return
         try:
-            checkpoint = read_checkpoint(read)
+            checkpoint = read_checkpoint(read, resume=subcommand == "fit", in_folder=read != Path(path))
         except CHECKPOINT_READ_ERRORS as error:
             if refused_by_weights_only(error, read) and config.get("weights_only") is False:
                 return
@@ -158,8 +163,8 @@ class PostTrainCLI(LightningCLI):
 
     def _recipe(self) -> dict:
         """The recipe of the command being run, in plain values (``config.yaml``'s content)."""
-        self._dump_config()
-        return self.config_dump
+        dump = yaml.safe_load(self.parser.dump(self.config, skip_link_targets=False, skip_none=False, format="yaml"))
+        return dump[self.config.subcommand] if "subcommand" in self.config else dump
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
         if config.get("enable_checkpointing") is False:  # Lightning refuses a ModelCheckpoint then
@@ -240,13 +245,30 @@ def _option_names(parser: LightningArgumentParser) -> list[str]:
     return sorted({option for each in parsers for option in each._option_string_actions if option.startswith("--")})
 
 
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
+
+
+def join_negative_numbers(args: list) -> list:
+    """``--key -1e-3`` as ``--key=-1e-3``: argparse takes a negative number in exponent form (or ``-inf``) after an
+    option for another option, and reports the key as missing its value; joined, the value reaches the range check,
+    which names the key and says what it accepts."""
+    joined: list = []
+    for arg in map(str, args):
+        previous = joined[-1] if joined else ""
+        if NEGATIVE_NUMBER.match(arg) and previous.startswith("--") and "=" not in previous:
+            joined[-1] = f"{previous}={arg}"
+        else:
+            joined.append(arg)
+    return joined
+
+
 def build_cli(args: Optional[list] = None, run: bool = True) -> PostTrainCLI:
     """The CLI object for ``args`` (``sys.argv`` if None); with ``run`` the subcommand runs too. Plugins' short
     names (``--model dpo``) are expanded to import paths first."""
     if args is None:  # rewritten in place: Lightning warns when given args while sys.argv holds a command line
-        sys.argv[1:] = expand_short_names(sys.argv[1:])
+        sys.argv[1:] = join_negative_numbers(expand_short_names(sys.argv[1:]))
     else:
-        args = expand_short_names(args)
+        args = join_negative_numbers(expand_short_names(args))
     return PostTrainCLI(
         SFTModule,
         InstructDataModule,

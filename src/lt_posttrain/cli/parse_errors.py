@@ -74,6 +74,11 @@ def explain_parser_error(
         section = re.match(r"(model|data)(\.|$)", prefix)
         lister = f"{command} --{section.group(1)}.help {class_path.group(1)}" if section and class_path else f"{command} --help"
         return f"unknown key '{full}'{suggestion}; '{lister}' lists the valid keys"
+    not_accepted = re.search(r"does not accept option '([^']+)'", message)  # a misspelled section key in a file
+    if not_accepted:
+        name = not_accepted.group(1)
+        keys = [option.lstrip("-") for option in known_options]
+        return f"unknown key '{name}'{_suggest(name, keys)}; '{command} --help' lists the valid keys"
     unrecognized = re.search(r"[Uu]nrecognized arguments: (.*)", message)
     if unrecognized:
         options = [o for o in unrecognized.group(1).split() if o.startswith("-")] or unrecognized.group(1).split()
@@ -97,4 +102,7 @@ def explain_parser_error(
     lines = [line.strip() for line in message.splitlines() if line.strip() and not line.strip().startswith(_NOISE)]
     lines = [line for line in lines if not re.match(r'^(- )?(Problem with given class_path|Parser key ")', line)] or lines
     detail = re.sub(r'^(Parser key "[^"]+":\s*)+', "", lines[-1] if lines else message.strip())
+    given = re.search(r"Given value: (.+)", message)
+    if given and "Got value" not in detail:
+        detail = f"{detail.lstrip('- ')}. Got value: {given.group(1).strip()[:80]}"
     return f"{prefix}: {detail}" if prefix and not detail.startswith(prefix) else detail

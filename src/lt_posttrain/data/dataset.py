@@ -22,6 +22,7 @@ from lt_posttrain.data.tokenize import (
     Masking,
     RenderedConversation,
     count_loss_tokens,
+    message_problem,
     render_conversation,
     tokenize_rendered,
     tokenize_rendered_batch,
@@ -52,6 +53,9 @@ def rendered_parts(
 ) -> list:
     """Stage 3a for one conversation (which may call ``tools``): its rendered parts with loss spans (none without
     an assistant turn, unless ``masking`` trains every token). ``where`` names the source and row in errors."""
+    problem = message_problem(messages)
+    if problem:
+        raise UserError(f"{where}: {problem}")
     if not messages or masking.mask != "all_tokens" and not any(m["role"] in TRAINED_ROLES for m in messages):
         return []
     try:
@@ -157,8 +161,8 @@ class RowConverter:
             row = {column: values[offset] for column, values in batch.items()}
             messages, tools = source_type.messages(row, index), source_type.tools(row, index)
             rendered = rendered_parts(messages, self.render, self.where(index), masking, tools)
-            weight = row["weight"] if weighted else None  # a row without one (null, or absent) weighs 1
-            conversations.append((messages, 1.0 if weight is None else float(weight), len(rendered)))
+            weight = row_weight(row, self.where(index)) if weighted else 1.0
+            conversations.append((messages, weight, len(rendered)))
             parts += rendered
         tokenized = iter(tokenize_rendered_batch(parts, self.tokenizer, self.max_length))
         for messages, weight, count in conversations:
@@ -171,6 +175,17 @@ class RowConverter:
                 reason = LONGER_THAN_MAX if samples else NO_LOSS_TOKEN if has_turn else NO_ASSISTANT_TURN
                 add(_EMPTY, 0, weight, reason)
         return out
+
+
+def row_weight(row: dict, where: str) -> float:
+    """The ``weight`` column of ``row``: a number >= 0 (a sample's token losses are scaled by it; a row without one,
+    null or absent, weighs 1), else one line."""
+    weight = row.get("weight")
+    if weight is None:
+        return 1.0
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
+        raise UserError(f"{where}: weight must be a number >= 0, got {weight!r:.40}: fix the row (or drop the column)")
+    return float(weight)
 
 
 def cache_identity(rows, source_type, tokenizer, chat_template, max_length: int, overlong: str, *versions: str) -> str:

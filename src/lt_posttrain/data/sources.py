@@ -189,23 +189,59 @@ def _first_rows_of_stream(source: Source):
 
 
 def _json_problem(files: list[str]) -> Optional[str]:
-    """``FILE, line N: malformed JSON (why)`` for the first broken line of JSON (or JSON Lines) files, if any."""
+    """What the data set library could not read in JSON (or JSON Lines) files, naming the file and line: the first
+    malformed line, a row that is not a JSON object, or a column whose values are of two kinds."""
     for file in files:
         with open(file, encoding="utf-8", errors="replace") as handle:
             text = handle.read()
         try:
-            json.loads(text)
-            continue
+            document = json.loads(text)
         except json.JSONDecodeError as error:
             if not (error.msg == "Extra data" or file.endswith(".jsonl")):  # a JSON document, not JSON Lines
                 return f"{file}, line {error.lineno}: malformed JSON ({error.msg}); fix or remove that line"
+        else:
+            if isinstance(document, list):
+                problem = _rows_problem(file, ((f"row {n}", row) for n, row in enumerate(document)))
+                if problem:
+                    return problem
+            continue
+        rows = []
         for number, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
-                    json.loads(line)
+                    rows.append((f"line {number}", json.loads(line)))
                 except json.JSONDecodeError as error:
                     return f"{file}, line {number}: malformed JSON ({error.msg}); fix or remove that line"
+        problem = _rows_problem(file, rows)
+        if problem:
+            return problem
     return None
+
+
+def _rows_problem(file: str, rows) -> Optional[str]:
+    """A row of ``rows`` (``(where, value)``) that is not a JSON object, or a column of two kinds of value."""
+    kinds: dict[str, tuple[str, str]] = {}  # column -> (kind, where first seen)
+    for where, row in rows:
+        if not isinstance(row, dict):
+            return f"{file}, {where}: a row must be a JSON object ({{\"column\": value, ...}}), got {_kind(row)}"
+        for column, value in row.items():
+            if value is None:
+                continue
+            seen = kinds.setdefault(column, (_kind(value), where))
+            if seen[0] != _kind(value):
+                return (f"{file}, {where}: column {column!r} holds {_kind(value)}, but {seen[0]} in {seen[1]}; give "
+                        "each column one kind of value")  # fmt: skip
+    return None
+
+
+def _kind(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {str: "text", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
 
 
 def _first_line(error: Exception) -> str:

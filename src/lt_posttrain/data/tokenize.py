@@ -20,17 +20,42 @@ import re
 from itertools import accumulate
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
+from typing import Optional
 
 from jinja2.exceptions import TemplateError
 
 from lt_posttrain.batch import IGNORE_INDEX
 
 TRAINED_ROLES = frozenset({"assistant"})
+KNOWN_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "ipython", "function"})
+"""The roles a conversation may hold: OpenAI's, and the names some chat templates give a tool's answer (Llama 3.1's
+``ipython``, the older ``function``). Any other is a mistake in the data (a role a template renders as plain text,
+or not at all), refused with the row rather than trained."""
 ONE_PASS_FROM = 6  # messages: shorter conversations render turn by turn as fast
 _TURN_ROLES = frozenset({"user", "tool", *TRAINED_ROLES})  # the roles after a conversation's leading system turns
 _MARK, _MARK_END = "\ue000", "\ue001"  # private-use characters around a placeholder's number
 _MARKERS = re.compile(f"{_MARK}(\\d+){_MARK_END}")
 REASONING_KEYS = ("reasoning_content", "thinking")  # the fields a message may hold its reasoning in
+
+
+def message_problem(messages: list[dict]) -> Optional[str]:
+    """What is wrong with a conversation's messages, for a one-line error (None if nothing): an unknown role
+    (:data:`KNOWN_ROLES`), a content that is neither text nor a list of content parts (``{"type": ...}``), or no
+    content in a turn without tool calls."""
+    for position, message in enumerate(messages):
+        role, content = message.get("role"), message.get("content")
+        if role not in KNOWN_ROLES:
+            return (f"message {position} has role {role!r}, which is none of {', '.join(sorted(KNOWN_ROLES))}: fix the "
+                    "row, or map its roles (type: huggingface_instruct, role_mapping)")  # fmt: skip
+        if content is None:
+            if not message.get("tool_calls"):
+                return f"message {position} ({role}) has no content: give it text, or remove the turn"
+        elif not isinstance(content, str) and not (
+            isinstance(content, list) and all(isinstance(part, dict) and "type" in part for part in content)
+        ):
+            return (f"message {position} ({role}): content must be text or a list of content parts "
+                    f"({{\"type\": \"text\", \"text\": ...}}), got {content!r:.60}")  # fmt: skip
+    return None
 
 
 @dataclass

@@ -18,6 +18,7 @@ import torch
 from lt_posttrain.errors import UserError
 from lt_posttrain.model.attention import VARLEN, register_varlen_attention
 from lt_posttrain.model.export import give_default_modes
+from lt_posttrain.model.folder import folder_problem
 
 PACKAGE_SCHEME = "package://"
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -250,24 +251,54 @@ def load_model(
         register_varlen_attention()
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    model = _load(auto_class or AutoModelForCausalLM, _hf_source(name_or_path), name_or_path, **kwargs)
+    source = _hf_source(name_or_path)
+    if auto_class is not None:  # another head than the files': its weights are new by design (a reward model's)
+        return _load(auto_class, source, name_or_path, **kwargs).train()
+    model, info = _load(AutoModelForCausalLM, source, name_or_path, output_loading_info=True, **kwargs)
+    left = {kind: sorted(info.get(kind) or ()) for kind in ("missing_keys", "unexpected_keys")}
+    if any(left.values()):  # transformers only warns: a model with random weights, or without layers the files hold
+        said = [f"{len(keys)} {kind.split('_')[0]} (e.g. {keys[0]})" for kind, keys in left.items() if keys]
+        raise UserError(f"model.name_or_path {name_or_path!r}: the weight files do not fit config.json "
+                        f"({', '.join(said)}); fix config.json or the weight files")  # fmt: skip
     return model.train()  # from_pretrained returns eval mode: dropout and checkpointing would be silently off
 
 
+LOAD_ERRORS = (OSError, ImportError, ValueError, RuntimeError, TypeError, KeyError, AttributeError)
+"""What ``from_pretrained`` raises for files it cannot use: missing or unreachable ones, a missing package, a
+malformed config (``ValueError``, ``TypeError``), weights of other shapes (``RuntimeError``), a corrupt file
+(safetensors' ``SafetensorError``, added below where it can be imported)."""
+try:
+    from safetensors import SafetensorError
+
+    LOAD_ERRORS = (*LOAD_ERRORS, SafetensorError)
+except ImportError:
+    pass
+try:  # a config.json value of the wrong type (hidden_size: "big"), refused by transformers' strict config classes
+    from huggingface_hub.errors import StrictDataclassError
+
+    LOAD_ERRORS = (*LOAD_ERRORS, StrictDataclassError)
+except ImportError:
+    pass
+
+
 def _load(auto_class, source: str, name_or_path: str, **kwargs):
+    """``auto_class.from_pretrained(source)``, every failure one line naming ``name_or_path`` (and the file, for a
+    local folder, checked first: :func:`~lt_posttrain.model.folder.folder_problem`)."""
+    needs_weights = auto_class.__name__.startswith("AutoModel")
+    problem = folder_problem(source, needs_config=auto_class.__name__ != "AutoTokenizer", needs_weights=needs_weights)
+    if problem:
+        raise UserError(f"model.name_or_path {name_or_path!r}: {problem}")
     try:
         return auto_class.from_pretrained(source, **kwargs)
-    except (OSError, ImportError) as error:  # unreachable hub, missing files, gated repo, a missing package
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"model.name_or_path {name_or_path!r}: cannot load ({first_line})") from error
-    except ValueError as error:
+    except LOAD_ERRORS as error:
         unknown = _unknown_architecture(source, error, kwargs.get("trust_remote_code", False))
-        if unknown is None:
-            raise
-        raise UserError(f"model.name_or_path {name_or_path!r}: {unknown}") from error
+        if unknown is not None:
+            raise UserError(f"model.name_or_path {name_or_path!r}: {unknown}") from error
+        reason = " ".join(line.strip() for line in str(error).strip().splitlines()[:2]) or type(error).__name__
+        raise UserError(f"model.name_or_path {name_or_path!r}: cannot load ({reason[:300]})") from error
 
 
-def _unknown_architecture(source: str, error: ValueError, trust_remote_code: bool) -> Optional[str]:
+def _unknown_architecture(source: str, error: Exception, trust_remote_code: bool) -> Optional[str]:
     """Why transformers cannot build ``source``'s model, if its architecture is one transformers does not have: one
     defined by the model's own code (``auto_map`` in ``config.json``), or a ``model_type`` of a newer transformers."""
     import transformers

@@ -58,6 +58,7 @@ from lt_posttrain.training.long_context import (
     offload_checkpoints,
     tile_mlps,
 )
+from lt_posttrain.training.checkpoint_io import weights_mismatch
 from lt_posttrain.training.losses import (
     fused_linear_cross_entropy_sum,
     fused_loss_weighs_tokens,
@@ -481,6 +482,19 @@ class SFTModule(L.LightningModule):
     def _count_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
         """A count summed over ranks, each sequence-parallel group's counted once (its ranks hold the same)."""
         return count_over_ranks(self._sum_over_ranks(value), self.sequence_parallel)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``LightningModule.load_state_dict``; weights of another model (a checkpoint of another architecture, size
+        or LoRA setting) are one line rather than torch's list of every tensor."""
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except RuntimeError as error:
+            mismatch = weights_mismatch(error)
+            if mismatch is None:
+                raise
+            path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+            raise UserError(f"{f'--ckpt_path {path}: ' if path else ''}the checkpoint's weights do not fit this model "
+                            f"({mismatch}); resume with the model and settings it was written with") from error
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         self._split_attention(batch)

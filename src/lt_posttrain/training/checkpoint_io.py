@@ -54,15 +54,28 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return check_training_checkpoint(checkpoint, path)
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict:
-    """The training checkpoint file ``path`` (a checkpoint folder's states file), read weights-only and mapped: its
-    tensors are not read into memory until used. Raises what ``torch.load`` raises (:data:`CHECKPOINT_READ_ERRORS`),
-    or a one-line error for a file that is no training checkpoint."""
-    if not zipfile.is_zipfile(path):  # what torch.save writes; a mapped load of anything else fails less clearly
+def read_checkpoint(path: str | os.PathLike, resume: bool = True, in_folder: bool = False) -> dict:
+    """The training checkpoint file ``path`` (a checkpoint folder's states file, ``in_folder``), read weights-only and
+    mapped: its tensors are not read into memory until used. Raises what ``torch.load`` raises
+    (:data:`CHECKPOINT_READ_ERRORS`), or a one-line error for a file that is no (complete) training checkpoint;
+    ``resume``: one to continue training from, with optimizer and loop states."""
+    if not _is_torch_archive(path):  # a mapped load of anything else fails less clearly
         raise UserError(f"checkpoint {path}: cannot be read, truncated or not a checkpoint (not a file torch.save "
                         "writes)")  # fmt: skip
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return check_training_checkpoint(checkpoint, path)
+    checkpoint = check_training_checkpoint(torch.load(path, map_location="cpu", weights_only=True, mmap=True), path)
+    required = ["global_step", *(["loops"] if resume else [])]
+    if not in_folder:  # a DeepSpeed folder keeps the weights and optimizer states in files of their own
+        required += ["state_dict", *(["optimizer_states", "lr_schedulers"] if resume else [])]
+    missing = [key for key in required if key not in checkpoint]
+    if resume and not missing and "fit_loop" not in (checkpoint["loops"] or {}):
+        missing = ["loops.fit_loop"]
+    wrong = not isinstance(checkpoint.get("global_step", 0), int)
+    wrong = wrong or not isinstance(checkpoint.get("state_dict", {}), dict)
+    if missing or wrong:
+        what = f"no {missing[0]!r}" if missing else "its global_step or state_dict is of the wrong kind"
+        raise UserError(f"checkpoint {path}: not a complete training checkpoint ({what}); give a step-N.ckpt file from "
+                        "training_state (to start from a model's weights, set model.name_or_path instead)")  # fmt: skip
+    return checkpoint
 
 
 def check_training_checkpoint(checkpoint: Any, path) -> dict:
@@ -73,6 +86,16 @@ def check_training_checkpoint(checkpoint: Any, path) -> dict:
             "model's weights, set model.name_or_path instead"
         )
     return checkpoint
+
+
+def weights_mismatch(error: RuntimeError) -> Optional[str]:
+    """What ``load_state_dict``'s ``error`` says is wrong with a checkpoint's weights (missing, unexpected or
+    mismatched tensors), in one line; None for another error."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines or not lines[0].startswith("Error(s) in loading state_dict"):
+        return None
+    detail = lines[1] if len(lines) > 1 else lines[0]
+    return detail if len(detail) <= 200 else detail[:197] + "..."
 
 
 PARTIAL = re.compile(r"^\.?.+\.(\d+)\.partial$")
@@ -117,4 +140,13 @@ def _is_zip(path) -> bool:
     try:
         return zipfile.is_zipfile(path)
     except OSError:
+        return False
+
+
+def _is_torch_archive(path) -> bool:
+    """A zip archive with the pickle ``torch.save`` writes (``NAME/data.pkl``)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/data.pkl") or name == "data.pkl" for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
         return False

@@ -32,8 +32,9 @@ the weights, LoRA's adapters and the optimizer's kind shape what the checkpoint 
 RECIPE_KEY = "recipe"
 """Where a checkpoint holds the recipe it was written with (``callbacks/recipe.py``)."""
 
-NOT_COMPARED = ("ckpt_path", "config", "weights_only", "__path__")
-"""Keys of the command, not of the recipe."""
+NOT_COMPARED = ("ckpt_path", "config", "weights_only", "__path__", "seed_everything")
+"""Keys of the command, not of the recipe; and the seed, which a resume does not use (the checkpoint's random states
+are restored), and which the command line gives as ``true`` where the run that wrote the checkpoint chose one."""
 
 
 def flatten_recipe(recipe: dict, prefix: str = "") -> dict[str, Any]:

@@ -3,12 +3,13 @@ each given to ``lt-posttrain fit`` in this process. For every case: exit status 
 (``lt-posttrain: error: ...``) naming the key, file or row, no traceback, nothing written to the run folder, and
 nothing that was there before (a model folder, a checkpoint, an earlier export) changed.
 
-The cases are generated with fixed seeds (hypothesis is not among the test dependencies), 258 in all:
+The cases are generated with fixed seeds (hypothesis is not among the test dependencies): 261 when written (the
+recipe cases grow with the signatures):
 
-- recipes (168): every numeric key of the model, data, trainer, ``checkpoint``, ``training_state`` and
+- recipes (171): every numeric key of the model, data, trainer, ``checkpoint``, ``training_state`` and
   ``throughput`` signatures, of a data source and of ``model.lora``, found by introspection and each given the values
-  just outside its range (negative, zero, above its maximum, not finite; 81); every key of a plain type (a number, a
-  flag, a choice) a value of the wrong type (58); misspelled names, on the command line and in a file (29);
+  just outside its range (negative, zero, above its maximum, not finite; 83); every key of a plain type (a number, a
+  flag, a choice) a value of the wrong type (59); misspelled names, on the command line and in a file (29);
 - rows (44): malformed JSON lines, rows that are not objects, ``messages`` and turns and contents of the wrong type,
   unknown roles, empty turns, bad weights;
 - model folders (20): ``config.json`` missing, malformed or not matching the weights, safetensors files of random

@@ -147,9 +147,9 @@ def out_of_range(allowed: Range, kinds: set[type]) -> list:
 
 def recipe_value(key: str, value, chats: Path) -> list[str]:
     """The command-line arguments that give ``key`` the value ``value`` (negative numbers as separate arguments,
-    as a user types them)."""
+    floats in exponent form, as a user types them: argparse alone reads ``--key -1e-3`` as a key without value)."""
     section, _, name = key.rpartition(".")
-    text = "nan" if value != value else repr(value)
+    text = "nan" if value != value else f"{value:e}" if isinstance(value, float) else repr(value)  # -1.000000e-03
     if section == "data.sources":
         return ["--data.sources", f"[{{name_or_path: {chats}, {name}: {text}}}]"]
     if section == "model.lora":

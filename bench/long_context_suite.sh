@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The long-context measurements of BENCHMARKS.md, one stage after another, each in its own process and time limit.
 #   bench/long_context_suite.sh SHARED OUT STAGE...     (SHARED holds data/ and assets/, as ../shared does)
-# Stages: samples, 8b-all, 8b-none, 8b-tiled_loss, 8b-tiled_mlp, 8b-offload, 8b-speed128k, 1b-all, 1b-none,
+# Stages: samples, 8b-all, 8b-target, 8b-none, 8b-tiled_loss, 8b-tiled_mlp, 8b-offload, 8b-speed128k, 1b-all, 1b-none,
 #         trl-8b, trl-1b. Results: OUT/long_context.jsonl; each stage's log: OUT/STAGE.log.
 # LT_BENCH_GPU_GIB holds a larger GPU to a smaller one's memory (79.2: an H100 80GB).
 set -u
@@ -18,6 +18,7 @@ for stage in "$@"; do
   case $stage in
     samples) ;;
     8b-all) search 8b-lora-all 262144 240 ;;
+    8b-target) search 8b-lora-all 409600 150 ;;  # from the 400K target up: two or three steps
     8b-none) search 8b-lora-none 16384 70 ;;
     8b-tiled_loss) search 8b-lora-tiled_loss 32768 90 ;;
     8b-tiled_mlp) search 8b-lora-tiled_mlp 32768 90 ;;

@@ -4,12 +4,14 @@ with the whole step's micro-batch, and only rank 0 writes the logs and the Huggi
 started by ``--trainer.devices 8``, and two nodes started by ``torchrun --nnodes 2``; two ranks on a streamed source
 read distinct parts of it."""
 
+import csv
 import json
 from itertools import combinations
 from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from cli_runs import fit, fit_on_nodes, logged_losses
 from conftest import gsm8k_chats, write_jsonl
@@ -99,13 +101,19 @@ def test_two_torchrun_nodes_match_one_process(tiny_model_dir, tmp_path):
 
 def test_two_ranks_read_and_train_on_distinct_parts_of_a_stream(tiny_model_dir, tokenizer, tmp_path):
     """Two gloo ranks on a streamed, packed source: each trains on exactly the samples of its own part of the file
-    (computed here from that rank's part alone), none of the other's, and the checkpoint holds both positions."""
+    (computed here from that rank's part alone), none of the other's, and the checkpoint holds both positions. The
+    same launch answers three validation prompts (two on rank 0, one on rank 1): rank 0 alone writes the table, whose
+    answers are transformers' greedy ones from the exported weights."""
     data = write_jsonl(tmp_path / "chats.jsonl", gsm8k_chats(40))
+    validation = write_jsonl(tmp_path / "validation.jsonl", gsm8k_chats(3, start=100))
     source = {"name_or_path": str(data), "streaming": True}
     root, audit = tmp_path / "stream", tmp_path / "stream-audit"
     fit(tmp_path, *sft_recipe_args(root, audit, tiny_model_dir, data, batch_size=1), "--trainer.devices", "2",
         "--trainer.strategy", "ddp", "--data.sources", json.dumps([source]), "--data.packing", "true",
-        "--data.packing_buffer", "4", "--trainer.enable_checkpointing", "true")  # fmt: skip
+        "--data.packing_buffer", "4", "--trainer.enable_checkpointing", "true",
+        "--data.val_sources", f"[{validation}]", "--trainer.val_check_interval", STEPS,
+        "--trainer.num_sanity_val_steps", "0", "--validation_answers.num_prompts", "3",
+        "--validation_answers.max_new_tokens", "6", "--validation_answers.batch_size", "1")  # fmt: skip
     ranks = audit_reports(audit)
 
     shards = [{tuple(sample) for step in ranks[rank]["steps"] for sample in step} for rank in (0, 1)]
@@ -124,3 +132,21 @@ def test_two_ranks_read_and_train_on_distinct_parts_of_a_stream(tiny_model_dir, 
     checkpoint = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
     (loader,) = checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"]
     assert len(loader["ranks"]) == 2 and loader["ranks"][0] != loader["ranks"][1]
+
+    (table,) = (root / "logs").rglob("validation_answers.csv")
+    assert [path for rank in (0, 1) for path in ranks[rank]["writes"] if path.endswith(table.name)] == [
+        str(table.resolve())
+    ] and not any(path.endswith(table.name) for path in ranks[1]["writes"])
+    with open(table) as file:
+        rows = list(csv.DictReader(file))
+    assert [(row["step"], row["index"]) for row in rows] == [(str(STEPS), str(index)) for index in range(3)]
+    assert [row["reference"] for row in rows] == [chat["messages"][1]["content"] for chat in gsm8k_chats(3, 100)]
+    model = AutoModelForCausalLM.from_pretrained(root / "export", dtype=torch.float32).eval()
+    answers = []
+    with torch.no_grad():
+        for row in rows:
+            prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+            out = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, pad_token_id=2)
+            answer = out[0, len(prompt) :].tolist()
+            answers.append(tokenizer.decode(answer[: answer.index(2)] if 2 in answer else answer))
+    assert [row["answer"] for row in rows] == answers

@@ -12,6 +12,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from conftest import gsm8k_chats
+from lt_posttrain.data.prompts import prompt_of
 from lt_posttrain.model.export import export_hf, submodule_state_dict
 from lt_posttrain.model.lora import LoraOptions, apply_lora, merged_lora_model
 
@@ -90,9 +92,11 @@ def test_merged_export_merges_the_given_adapter_weights(lora_model):
     assert torch.allclose(merged["model.layers.0.self_attn.q_proj.weight"], expected, atol=1e-6)
 
 
-def test_zero3_loads_into_partitions_and_exports_the_gathered_weights(tiny_model_dir, tmp_path):
+def test_zero3_loads_into_partitions_and_exports_the_gathered_weights(tiny_model_dir, tokenizer, tmp_path):
     """Two CPU ranks under DeepSpeed ZeRO-3: each holds only empty partitions, yet the gathered export equals the
-    checkpoint exactly, and a LoRA adapter starts with B = 0 (PEFT alone leaves the partitioned B random)."""
+    checkpoint exactly, and a LoRA adapter starts with B = 0 (PEFT alone leaves the partitioned B random). The same
+    launch answers three prompts as the validation answers are generated, the ranks in lockstep with unequal shares:
+    transformers' greedy answers of the unpartitioned model."""
     pytest.importorskip("deepspeed")
     from peft import PeftModel
 
@@ -112,12 +116,24 @@ def test_zero3_loads_into_partitions_and_exports_the_gathered_weights(tiny_model
     assert len(list((tmp_path / "full").glob("model-*.safetensors"))) > 1
     assert exported.keys() == checkpoint.keys()
     assert all(torch.equal(exported[name], checkpoint[name]) for name in checkpoint)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+    # the validation answers under ZeRO-3 (rank 1 has one prompt to rank 0's two): transformers' greedy answers
+    prompts = [prompt_of(chat["messages"], tokenizer)["input_ids"] for chat in gsm8k_chats(3)]
+    expected = []
+    with torch.no_grad():
+        for prompt in prompts:
+            answer = base.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, pad_token_id=2)
+            answer = answer[0, len(prompt) :].tolist()
+            expected.append(tokenizer.decode(answer[: answer.index(2)] if 2 in answer else answer))
+    for rank in (0, 1):
+        report = json.loads((tmp_path / f"rank-{rank}.json").read_text())
+        assert [record["answer"] for record in report["answers"]] == expected, rank
 
     adapter = load_file(tmp_path / "lora" / "adapter_model.safetensors")
     assert sorted({name.split(".lora_")[1].split(".")[0] for name in adapter}) == ["A", "B"]
     assert all((value == 0).all() for name, value in adapter.items() if ".lora_B." in name)
     assert all((value != 0).any() for name, value in adapter.items() if ".lora_A." in name)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "lora")
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     assert torch.equal(adapted(input_ids=ids).logits, base(input_ids=ids).logits)  # B = 0: the model is unchanged

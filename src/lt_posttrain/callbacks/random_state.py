@@ -7,6 +7,8 @@ import lightning as L
 import numpy as np
 import torch
 
+from lt_posttrain.training.strategy import gather_objects
+
 RANDOM_STATES_KEY = "random_states"
 
 
@@ -61,8 +63,4 @@ def restore_random_states(states: dict[str, Any]) -> None:
 
 def _gather(states: dict[str, Any], world_size: int) -> list[dict[str, Any]]:
     """Every rank's ``states``, by rank (the checkpoint is written by one rank only)."""
-    if world_size == 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return [states]
-    gathered: list = [None] * world_size
-    torch.distributed.all_gather_object(gathered, states)
-    return gathered
+    return [states] if world_size == 1 else gather_objects(states)

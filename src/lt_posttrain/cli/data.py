@@ -45,6 +45,7 @@ def _fit_recipe_keys(
     throughput: Section = None,
     training_state: Section = None,
     nonfinite_loss: Section = None,
+    validation_answers: Section = None,
     seed_everything: Union[bool, int] = True,
     optimizer: Union[dict, str, None] = None,
     lr_scheduler: Union[dict, str, None] = None,
@@ -57,7 +58,7 @@ def _fit_recipe_keys(
         trainer: accepted so that a ``fit`` recipe can be given unchanged; not used.
         checkpoint: not used (a ``fit`` recipe section).
         predictions: not used (a ``fit`` recipe section).
-        throughput, training_state, nonfinite_loss: not used (``fit`` recipe sections).
+        throughput, training_state, nonfinite_loss, validation_answers: not used (``fit`` recipe sections).
         seed_everything: not used (a ``fit`` recipe key).
         optimizer: not used (a ``fit`` recipe key).
         lr_scheduler: not used (a ``fit`` recipe key).

@@ -26,6 +26,7 @@ from lt_posttrain.callbacks.training_state import (
     default_dirpath,
     newest_checkpoint,
 )
+from lt_posttrain.callbacks.validation_answers import ValidationAnswers
 from lt_posttrain.cli.help import asks_for_help, print_class_keys
 from lt_posttrain.cli.parse_errors import ConfigError, config_files, explain_parser_error
 from lt_posttrain.data.datamodule import InstructDataModule
@@ -70,7 +71,8 @@ class SaveConfigAtTrainStart(SaveConfigCallback):
 class PostTrainCLI(LightningCLI):
     """``LightningCLI`` with ``checkpoint`` (:class:`HFCheckpoint`), ``training_state``
     (:class:`TrainingStateCheckpoint`), ``nonfinite_loss`` (:class:`NonFiniteLossGuard`), ``predictions``
-    (:class:`PredictionWriter`) and ``throughput`` (:class:`ThroughputMeter`) sections, random states in every
+    (:class:`PredictionWriter`), ``throughput`` (:class:`ThroughputMeter`) and ``validation_answers``
+    (:class:`ValidationAnswers`) sections, random states in every
     checkpoint (:class:`RandomStateCheckpoint`), and the model's tokenizer handed to the data module. A ``fit`` owns
     its ``trainer.default_root_dir`` while it runs (:class:`RunFolder`)."""
 
@@ -108,6 +110,7 @@ class PostTrainCLI(LightningCLI):
         parser.add_lightning_class_args(TrainingStateCheckpoint, "training_state")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.add_lightning_class_args(ThroughputMeter, "throughput")
+        parser.add_lightning_class_args(ValidationAnswers, "validation_answers")
 
     def _parse_ckpt_path(self) -> None:
         """Instead of Lightning's (a ``--ckpt_path`` file's hyper-parameters update the model section, but not for

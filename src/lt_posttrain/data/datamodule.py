@@ -16,7 +16,7 @@ from lt_posttrain.data.dataset import MicroBatchDataset, RowConverter, describe_
 from lt_posttrain.data.mixing import mixture_indices
 from lt_posttrain.data.packing import pack_best_fit
 from lt_posttrain.data.plan import PlanSampler
-from lt_posttrain.data.prompts import collate_prompts, prompt_of
+from lt_posttrain.data.prompts import collate_prompts, prompt_of, sample_prompt
 from lt_posttrain.data.source_types import load_source_type
 from lt_posttrain.data.sources import Source, as_source, load_rows
 from lt_posttrain.data.streaming import MixedSamples, StreamedMicroBatches, StreamedSamples, StreamLoader, StreamPacker
@@ -335,6 +335,23 @@ class InstructDataModule(L.LightningDataModule):
         if self.test_samples is None:
             raise UserError("nothing to test on: set data.test_sources, data.val_sources or data.val_fraction")
         return self._loader(self.test_samples, self.test_packs, train=False)
+
+    def generation_prompts(self, count: int) -> list[dict]:
+        """The first ``count`` validation samples as prompts to answer (after ``setup``): ``{"input_ids", "prompt",
+        "reference"}`` each, the sample's tokens before its last trained answer and that answer's text
+        (:func:`~lt_posttrain.data.prompts.sample_prompt`).
+
+        Raises:
+            UserError: no validation data, or validation samples that are not one token sequence each.
+        """
+        if self.val_samples is None:
+            raise UserError("validation_answers.num_prompts: there is no validation data to answer; set "
+                            "data.val_sources or data.val_fraction")  # fmt: skip
+        if not {"input_ids", "labels"} <= set(self.val_samples.column_names):
+            raise UserError(f"validation_answers.num_prompts: the validation samples of {type(self).__name__} are "
+                            "not one token sequence each, so they give no prompt to answer; set it to 0")  # fmt: skip
+        rows = self.val_samples.select(range(min(count, len(self.val_samples))))
+        return [sample_prompt(row["input_ids"], row["labels"], self.tokenizer) for row in rows]
 
     def predict_dataloader(self):
         """The test (else validation) conversations as prompts, for greedy generation of their last answer."""

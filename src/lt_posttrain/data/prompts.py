@@ -1,7 +1,9 @@
-"""Prompts for generation (``lt-posttrain predict``): each conversation up to its last assistant turn."""
+"""Prompts for generation: each conversation up to its last assistant turn (``lt-posttrain predict``), each
+validation sample up to its last trained answer (the answers generated during validation)."""
 
 import torch
 
+from lt_posttrain.batch import IGNORE_INDEX
 from lt_posttrain.data.tokenize import TRAINED_ROLES, template_renderer
 
 
@@ -29,3 +31,21 @@ def collate_prompts(prompts: list[dict], pad_id: int) -> dict:
         attention_mask[row, width - length :] = 1
     texts = {key: [prompt[key] for prompt in prompts] for key in ("prompt", "reference")}
     return {"input_ids": input_ids, "attention_mask": attention_mask, **texts}
+
+
+def sample_prompt(input_ids: list[int], labels: list[int], tokenizer) -> dict:
+    """A tokenized sample as a prompt to answer: its tokens before its last run of trained tokens (the last answer it
+    trains, which starts after the template's generation prompt) as ``input_ids`` (and their text as ``prompt``), and
+    that run's text as the ``reference`` (special tokens such as the end of turn left out). Read from the tokens, so
+    every source type, masking mode and held-out split gives its prompts as it gives its samples."""
+    trained = [position for position, label in enumerate(labels) if label != IGNORE_INDEX]
+    end = trained[-1] + 1 if trained else len(input_ids)
+    start = end - 1 if trained else end
+    while start > 1 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    start = max(start, 1)  # at least one token to answer after
+    return {
+        "input_ids": list(input_ids[:start]),
+        "prompt": tokenizer.decode(input_ids[:start]),
+        "reference": tokenizer.decode(input_ids[start:end], skip_special_tokens=True),
+    }

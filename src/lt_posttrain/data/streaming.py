@@ -22,6 +22,7 @@ from lt_posttrain.data.dataset import SAMPLE_KEYS, RowConverter, collate_micro_b
 from lt_posttrain.data.mixing import mixture_shares
 from lt_posttrain.data.packing import pack_best_fit
 from lt_posttrain.errors import UserError
+from lt_posttrain.training.strategy import gather_objects
 
 ROWS_PER_CONVERSION = 16
 """Rows of a stream rendered and then tokenized in one call."""
@@ -271,7 +272,7 @@ class StreamLoader(StatefulDataLoader):
     def state_dict(self) -> dict:
         """``{"ranks": [each rank's loader state], "identity": ...}`` (a collective: every rank calls it, as Lightning
         does when it writes a checkpoint)."""
-        return {"ranks": _gather(super().state_dict()), "identity": dict(self.identity)}
+        return {"ranks": gather_objects(super().state_dict()), "identity": dict(self.identity)}
 
     def load_state_dict(self, state: dict) -> None:
         """This rank's loader state of ``state``.
@@ -296,13 +297,3 @@ def _rank_and_world_size() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
-
-
-def _gather(state: dict) -> list[dict]:
-    """Every rank's ``state``, by rank."""
-    _, world_size = _rank_and_world_size()
-    if world_size == 1:
-        return [state]
-    gathered: list = [None] * world_size
-    torch.distributed.all_gather_object(gathered, state)
-    return gathered

@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lt_posttrain.batch import PACKED_KEYS, Batch
 from lt_posttrain.model.attention import VARLEN
+from lt_posttrain.model.generation import generate_answers
 from lt_posttrain.errors import UserError
 from lt_posttrain.model.kernels import (
     FUSED_LOSS,
@@ -558,14 +559,9 @@ class SFTModule(L.LightningModule):
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         """Greedy completions of the prompts: ``{"prompt", "reference", "generated"}`` per conversation."""
-        prompt_ids = batch["input_ids"]
-        if self.model.config._attn_implementation == VARLEN:  # generation needs the padding mask and a KV cache
-            self.model.set_attn_implementation("sdpa")
-        out = self.model.generate(
-            input_ids=prompt_ids, attention_mask=batch["attention_mask"], max_new_tokens=self.hparams.max_new_tokens,
-            do_sample=False, pad_token_id=self.tokenizer.pad_token_id,
-        )  # fmt: skip
-        texts = self.tokenizer.batch_decode(out[:, prompt_ids.shape[1] :], skip_special_tokens=True)
+        prompts = [row[keep.bool()].tolist() for row, keep in zip(batch["input_ids"], batch["attention_mask"])]
+        answers = generate_answers(self.model, self.tokenizer, prompts, self.hparams.max_new_tokens)
+        texts = self.tokenizer.batch_decode(answers, skip_special_tokens=True)
         return [
             {"prompt": prompt, "reference": reference, "generated": text}
             for prompt, reference, text in zip(batch["prompt"], batch["reference"], texts)

@@ -297,6 +297,18 @@ def prepare_strategy(strategy: Any, micro_batch_size: int) -> None:
             strategy.__class__ = _accumulating_in_lightning(type(strategy))
 
 
+def gather_objects(value: Any) -> list:
+    """Every rank's ``value`` (any picklable object), by rank, on every rank: ``[value]`` without a process group.
+    A collective: every rank calls it."""
+    import torch.distributed
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [value]
+    gathered: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
+
+
 def leave_process_group() -> None:
     """Destroy the default process group once a run is over. Lightning does so itself only for NCCL; a gloo group
     left alive can abort the process as the interpreter exits (its worker threads outlive Python), so a finished

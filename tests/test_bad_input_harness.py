@@ -42,6 +42,7 @@ from lt_posttrain import InstructDataModule, SFTModule, Source
 from lt_posttrain.callbacks.hf_export import HFCheckpoint
 from lt_posttrain.callbacks.throughput import ThroughputMeter
 from lt_posttrain.callbacks.training_state import TrainingStateCheckpoint
+from lt_posttrain.callbacks.validation_answers import ValidationAnswers
 from lt_posttrain.cli import main
 from lt_posttrain.model.lora import LoraOptions
 from lt_posttrain.ranges import RANGES, Range
@@ -49,7 +50,7 @@ from lt_posttrain.ranges import RANGES, Range
 SECTIONS = {
     "model": SFTModule, "data": InstructDataModule, "trainer": L.Trainer, "checkpoint": HFCheckpoint,
     "training_state": TrainingStateCheckpoint, "throughput": ThroughputMeter, "data.sources": Source,
-    "model.lora": LoraOptions,
+    "model.lora": LoraOptions, "validation_answers": ValidationAnswers,
 }  # fmt: skip
 """Each section of a recipe and the class whose signature gives its keys."""
 

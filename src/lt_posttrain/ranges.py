@@ -115,6 +115,12 @@ RANGES: dict[str, Range] = {
     "training_state.keep_last": Range(0, also=(-1,)),
     "throughput.warmup_steps": NON_NEGATIVE,
     "throughput.peak_tflops": POSITIVE,
+    "validation_answers.num_prompts": NON_NEGATIVE,
+    "validation_answers.max_new_tokens": COUNT,
+    "validation_answers.batch_size": COUNT,
+    "validation_answers.temperature": POSITIVE,
+    "validation_answers.top_p": Range(0, 1, above=True),
+    "validation_answers.seed": Range(0, SEED_MAX),
 }
 """``section.key`` -> the values it accepts. ``data.sources.KEY`` is each source's key (``val_sources`` and
 ``test_sources`` too), ``model.lora.KEY`` a key of ``model.lora``."""

@@ -125,32 +125,8 @@ class LightningStepClock(L.Callback):
 
 # -- runs ---------------------------------------------------------------------------------------------------------
 def ours_kto(args) -> dict:
-    from lt_posttrain import run
-
     rows = kto_rows(Path(args.shared), WORK / "kto_rows.jsonl", args.rows_per_step * (args.steps + 2) * 2)
-    model = {"name_or_path": args.model_dir, "dtype": "bfloat16", "learning_rate": 5e-7, "warmup": 0,
-             "schedule": "constant", "optimizer": "adamw", "gradient_checkpointing": True, "beta": 0.1}  # fmt: skip
-    if args.liger:
-        model["liger"] = {"rms_norm": True, "rope": True, "swiglu": True}
-    packed = args.layout == "packed"
-    recipe = {
-        "seed_everything": 0,
-        "model": {"class_path": "kto", "init_args": model},
-        "data": {"class_path": "unpaired_preference", "init_args": {
-            "sources": [{"name_or_path": str(rows), "type": "labelled_completions"}], "shuffle": False,
-            "max_length": args.pack_tokens if packed else args.max_length, "packing": packed,
-            "batch_size": 1 if packed else args.rows_per_step, "num_workers": 2, "num_proc": 8}},
-        "trainer": {"accelerator": args.accelerator, "devices": 1, "precision": "bf16-true", "max_steps": args.steps,
-                    "gradient_clip_val": 1.0, "logger": False, "enable_progress_bar": False,
-                    "enable_checkpointing": False, "default_root_dir": str(WORK / "runs"),
-                    "callbacks": [{"class_path": "preference.LightningStepClock", "init_args": {"warmup": args.warmup}}]},
-        "checkpoint": {"save_end_of_training": False},
-        "throughput": {"enabled": False},
-    }  # fmt: skip
-    cli = run(recipe, "fit")
-    [clock] = [callback for callback in cli.trainer.callbacks if type(callback).__name__ == "LightningStepClock"]
-    return {"system": "lt-posttrain", "trainer": "kto", "layout": args.layout, **clock.clock.result(),
-            "final_loss": round(float(cli.trainer.logged_metrics["train/loss"]), 4)}
+    return ours(args, "kto", "unpaired_preference", "labelled_completions", rows, args.rows_per_step, {})
 
 
 def trl_kto(args) -> dict:
@@ -189,22 +165,29 @@ def trl_kto(args) -> dict:
 
 
 def ours_dpo(args) -> dict:
+    rows = dpo_rows(Path(args.shared), WORK / "dpo_rows.jsonl", args.pairs_per_step * (args.steps + 2) * 2)
+    result = ours(args, "dpo", "preference", "preference_pairs", rows, args.pairs_per_step,
+                  {"precompute_reference": bool(args.precompute)})  # fmt: skip
+    return {**result, "precompute": bool(args.precompute)}
+
+
+def ours(args, trainer: str, data: str, source_type: str, rows: Path, per_step: int, options: dict) -> dict:
+    """One fit of our ``trainer`` (short name) on ``rows`` through the public API, as a recipe would run it."""
     from lt_posttrain import run
 
-    rows = dpo_rows(Path(args.shared), WORK / "dpo_rows.jsonl", args.pairs_per_step * (args.steps + 2) * 2)
     model = {"name_or_path": args.model_dir, "dtype": "bfloat16", "learning_rate": 5e-7, "warmup": 0,
              "schedule": "constant", "optimizer": "adamw", "gradient_checkpointing": True, "beta": 0.1,
-             "precompute_reference": args.precompute}  # fmt: skip
+             **options}  # fmt: skip
     if args.liger:
         model["liger"] = {"rms_norm": True, "rope": True, "swiglu": True}
     packed = args.layout == "packed"
     recipe = {
         "seed_everything": 0,
-        "model": {"class_path": "dpo", "init_args": model},
-        "data": {"class_path": "preference", "init_args": {
-            "sources": [{"name_or_path": str(rows), "type": "preference_pairs"}], "shuffle": False,
+        "model": {"class_path": trainer, "init_args": model},
+        "data": {"class_path": data, "init_args": {
+            "sources": [{"name_or_path": str(rows), "type": source_type}], "shuffle": False,
             "max_length": args.pack_tokens if packed else args.max_length, "packing": packed,
-            "batch_size": 1 if packed else args.pairs_per_step, "num_workers": 2, "num_proc": 8}},
+            "batch_size": 1 if packed else per_step, "num_workers": 2, "num_proc": 8}},
         "trainer": {"accelerator": args.accelerator, "devices": 1, "precision": "bf16-true", "max_steps": args.steps,
                     "gradient_clip_val": 1.0, "logger": False, "enable_progress_bar": False,
                     "enable_checkpointing": False, "default_root_dir": str(WORK / "runs"),
@@ -214,8 +197,8 @@ def ours_dpo(args) -> dict:
     }  # fmt: skip
     cli = run(recipe, "fit")
     [clock] = [callback for callback in cli.trainer.callbacks if type(callback).__name__ == "LightningStepClock"]
-    return {"system": "lt-posttrain", "trainer": "dpo", "layout": args.layout, "precompute": bool(args.precompute),
-            **clock.clock.result(), "final_loss": round(float(cli.trainer.logged_metrics["train/loss"]), 4)}
+    return {"system": "lt-posttrain", "trainer": trainer, "layout": args.layout, **clock.clock.result(),
+            "final_loss": round(float(cli.trainer.logged_metrics["train/loss"]), 4)}
 
 
 def trl_dpo(args) -> dict:

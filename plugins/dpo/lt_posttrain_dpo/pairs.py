@@ -27,8 +27,8 @@ class PreferencePairsSourceType(MessagesSourceType):
       ending with an assistant turn. Turns that both lists start with are the prompt, so whole conversations work
       (as in ``HuggingFaceH4/ultrafeedback_binarized``).
     - Otherwise the prompt is the ``messages`` column (a list of turns; ``messages_column``, ``role_key`` and
-      ``content_key`` as for ``type: messages``) or else the ``prompt`` column (a user turn; ``input_key`` names
-      another column).
+      ``content_key`` as for ``type: messages``) or else the ``prompt`` column (text: a user turn; or a list of
+      turns, TRL's conversational form; ``input_key`` names another column).
     - ``reference_chosen_logp``, ``reference_rejected_logp`` (optional): each answer's log-probability under the
       reference model (the sum over its tokens, as the trainer's ``precomputed_reference`` reads it).
 
@@ -66,6 +66,8 @@ class PreferencePairsSourceType(MessagesSourceType):
         prompt_key = self.source.input_key or "prompt"
         if row.get(self.source.messages_column) is not None:
             return super().messages(row, index)
+        if isinstance(row.get(prompt_key), list):  # TRL's conversational form: the prompt's turns
+            return self.answer_turns(row[prompt_key], index, prompt_key)
         if row.get(prompt_key) is not None:
             return [{"role": "user", "content": self.text(row[prompt_key], index, repr(prompt_key))}]
         raise self.error(

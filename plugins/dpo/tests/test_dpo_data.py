@@ -27,6 +27,8 @@ def test_rows_in_each_shape_become_pairs():
     assert len(plain.reference) == 2 and all(math.isnan(value) for value in plain.reference)  # none in the row
     chat = [turn("system", "Be brief."), turn(USER, "2+2?")]
     assert pair_of({"messages": chat, "chosen": "4", "rejected": "5"}).prompt == chat
+    conversational = pair_of({"prompt": chat, "chosen": four, "rejected": five})  # TRL's conversational form
+    assert (conversational.prompt, conversational.chosen, conversational.rejected) == (chat, four, five)
     whole = pair_of({"prompt": "2+2?", "chosen": [*chat, *four], "rejected": [*chat, *five]})
     assert (whole.prompt, whole.chosen, whole.rejected) == (chat, four, five)
     renamed = pair_of({"question": "2+2?", "good": "4", "bad": "5", "reference_chosen_logp": -1.5,
@@ -42,6 +44,7 @@ def test_rows_in_each_shape_become_pairs():
         ({"chosen": "a", "rejected": "b"}, r"no prompt: give a 'messages' column"),
         ({"prompt": "x", "chosen": [turn(USER, "a")], "rejected": "b"}, r"the 'chosen' answer must end with an"),
         ({"prompt": "x", "chosen": 3, "rejected": "b"}, r"'chosen' must be text or a list of"),
+        ({"prompt": [{"role": USER}], "chosen": "a", "rejected": "b"}, r"'prompt' must be text or a list of"),
     ],
 )
 def test_malformed_rows_are_one_line_errors(row, message):
